@@ -1,0 +1,96 @@
+"""Reading checkpoints exactly: safetensors files in, every tensor accounted for.
+
+Both halves of FastVLM load the same way, so the rules live here once:
+
+* weights come from `model.safetensors`, or from shards listed in `model.safetensors.index.json`;
+  pickled `.bin` files are refused (unpickling runs arbitrary code) with the command that converts them;
+* `load_exact` copies a name -> tensor mapping into a module and fails on the *first* problem with one
+  line that names the key: a tensor the module has no place for, a parameter the file does not fill,
+  or a shape that disagrees. Nothing is skipped silently; a caller that wants to drop tensors (the
+  unused CLIP head of the vision tower) removes them by name before calling.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model; the message names the file or key and the fix."""
+
+
+def safetensors_files(folder):
+    """The weight files of an HF-style folder: one `model.safetensors`, or the shards of its index."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e}); re-download it") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shard {missing[0]} but {folder} has no such file; download it")
+        return files
+    single = sorted(folder.glob("*.safetensors"))
+    if single:
+        return single
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth")) if folder.is_dir() else []
+    if pickled:
+        raise CheckpointError(
+            f"{folder} holds pickled weights ({pickled[0]}), which are refused because unpickling can run code; "
+            "convert once with: python -c \"import torch; from safetensors.torch import save_file; "
+            f"save_file(torch.load('{pickled[0]}', map_location='cpu'), 'model.safetensors')\" inside that folder")
+    raise CheckpointError(f"{folder} has no model.safetensors (or sharded index); point --model at a FastVLM folder")
+
+
+def read_safetensors(folder, prefix="", dtype=None):
+    """All tensors whose names start with `prefix` (prefix removed), from every file of the folder.
+
+    `dtype` casts floating tensors as they are read (bf16 files into an fp32 model, say); integer
+    buffers such as BatchNorm's `num_batches_tracked` keep their type.
+    """
+    tensors = {}
+    for path in safetensors_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    if name.startswith(prefix):
+                        t = f.get_tensor(name)
+                        if dtype is not None and t.is_floating_point():
+                            t = t.to(dtype)
+                        tensors[name[len(prefix):]] = t
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own types for truncated or non-safetensors files
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-download it") from None
+    return tensors
+
+
+def load_exact(module, tensors, where="checkpoint"):
+    """Copy `tensors` into `module`'s parameters and buffers; every one on both sides must match.
+
+    Non-persistent buffers (RoPE tables) are computed, not stored, so they are not expected. Tied
+    parameters (one tensor under two names) are filled once and may appear under either name.
+    """
+    own = module.state_dict(keep_vars=True)
+    for name, value in tensors.items():
+        if name not in own:
+            raise CheckpointError(f"{where}: unexpected tensor '{name}' (shape {tuple(value.shape)}): "
+                                  "the checkpoint does not match this model's config")
+        target = own[name]
+        if tuple(target.shape) != tuple(value.shape):
+            raise CheckpointError(f"{where}: '{name}' has shape {tuple(value.shape)} but the config "
+                                  f"gives {tuple(target.shape)}: config.json and the weights disagree")
+    filled = set()
+    with torch.no_grad():
+        for name, value in tensors.items():
+            own[name].copy_(value)
+            filled.add(id(own[name]))
+    for name, target in own.items():
+        if name not in tensors and id(target) not in filled:
+            raise CheckpointError(f"{where}: missing tensor '{name}' (shape {tuple(target.shape)}): "
+                                  "the checkpoint is incomplete or for another model")

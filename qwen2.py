@@ -1,0 +1,421 @@
+"""Qwen2, the language half of FastVLM (paper Sec. 3, "LLM decoder"), by hand.
+
+A stock decoder-only transformer; every piece of a modern LLM in one file:
+
+    token ids (B, T) -> embed_tokens -> (B, T, d)       [or input embeddings, so images can be spliced in]
+    N x DecoderLayer:
+        x = x + Attention(RMSNorm(x))   grouped-query attention, RoPE on q and k, q/k/v biases, KV cache
+        x = x + MLP(RMSNorm(x))         SwiGLU: down(silu(gate(x)) * up(x))
+    RMSNorm -> lm_head (tied to embed_tokens for 0.5B and 1.5B) -> logits (B, T, vocab)
+
+The KV cache (gpt-fast style) is allocated once for the maximum length and written in place. Prefill
+pushes the whole prompt through once and fills positions [0, T); each decode step computes one new
+token's q/k/v, writes its k/v at position T, T+1, ... and attends to everything cached so far. Without
+a cache, generating n tokens would recompute the whole prefix at every step (quadratic work); with it,
+each step costs one token's worth of matmuls plus reading the cache.
+
+Also here: the Qwen2 tokenizer built with the `tokenizers` library, loading an HF-format folder
+(config.json + safetensors, single or sharded), and generation (greedy, temperature, top-p).
+"""
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checkpoint import CheckpointError, load_exact, read_safetensors
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration: the three official sizes; any HF Qwen2 config.json reads into the same dataclass.
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Qwen2Config:
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2          # grouped-query attention: 7 query heads share one k/v head
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("hidden_size must split into heads, and query heads into k/v groups")
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d):
+        """The Qwen2 fields of an HF (or LLaVA-Qwen2) config.json; the rest is ignored."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in names}
+        if "rope_theta" not in values and "rope_theta" in (d.get("rope_parameters") or {}):
+            values["rope_theta"] = d["rope_parameters"]["rope_theta"]   # newer transformers nest it
+        return cls(**values)
+
+
+QWEN2_0_5B = Qwen2Config()
+QWEN2_1_5B = Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2)
+QWEN2_7B = Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The blocks.
+# ----------------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, with the statistics in float32 even for bf16/fp16 models."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(head_dim, max_len, theta, device=None, dtype=torch.float32):
+    """cos/sin of position * frequency, (max_len, head_dim), both halves repeated (rotate-half layout).
+
+    Frequency i is theta^(-2i/d): the first pairs of dimensions turn fast with position, the last slowly.
+    Computed in float32 like the reference implementation, whatever the model's dtype.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).to(dtype) / head_dim)
+    angles = torch.arange(max_len, device=device).to(dtype)[:, None] * inv_freq[None, :]  # (L, d/2)
+    angles = torch.cat([angles, angles], dim=-1)                                         # (L, d)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (x_i, x_{i+d/2}) pair by its angle. x: (B, H, T, d); cos/sin: (T, d).
+
+    The pairing of dimension i with i + d/2 ("rotate half") is the convention the checkpoints were
+    trained with. Because q.k after rotation depends on the angle difference only, attention scores
+    depend on relative position.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position seen so far, preallocated: (B, kv_heads, max_len, head_dim)."""
+
+    def __init__(self, batch, kv_heads, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start, k, v):
+        """Write (B, kv_heads, T, d) at [start, start+T) in place; return views of [0, start+T)."""
+        end = start + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"sequence of {end} tokens exceeds the cache of {self.k.shape[2]}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention: H query heads, H_kv key/value heads shared by H / H_kv queries each."""
+
+    use_sdpa = True  # False runs the plain softmax(q k^T / sqrt(d) + mask) v below
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.cache = None
+
+    def forward(self, x, cos, sin, start):                        # x: (B, T, d)
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)       # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)    # (B, H_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None:
+            k, v = self.cache.update(start, k, v)                 # (B, H_kv, start+T, hd)
+        S = k.shape[2]
+        # Query i sits at absolute position start+i and may see keys 0..start+i.
+        # start == 0 and T == S: the usual causal triangle; T == 1: a decode step sees everything.
+        mask = None
+        if T > 1 and start > 0:
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        if self.use_sdpa:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(T > 1 and start == 0),
+                                                 enable_gqa=True)
+        else:
+            groups = self.heads // self.kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, hd)
+            scores = (q @ k.transpose(-2, -1)) / self.head_dim ** 0.5                     # (B, H, T, S)
+            if T > 1:
+                allowed = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+                scores = scores.masked_fill(~allowed, float("-inf"))
+            out = scores.softmax(-1) @ v                                                   # (B, H, T, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down( silu(gate(x)) * up(x) ), no biases."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2(nn.Module):
+    """The decoder. Module names follow HF's (minus the leading `model.`), so checkpoints load by name."""
+
+    def __init__(self, cfg=QWEN2_0_5B):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight       # one tensor, two names
+        self.max_len = 0
+        self._rope(4096)
+
+    def _rope(self, length, device=None):
+        cos, sin = rope_tables(self.cfg.head_dim, length, self.cfg.rope_theta, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def device(self):
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self):
+        return self.embed_tokens.weight.dtype
+
+    def setup_cache(self, max_len, batch=1):
+        """Allocate every layer's KV cache once, for sequences of up to max_len tokens."""
+        if max_len > self.cfg.max_position_embeddings:
+            raise ValueError(f"max_len {max_len} exceeds the model's context of {self.cfg.max_position_embeddings}")
+        for layer in self.layers:
+            layer.self_attn.cache = KVCache(batch, self.cfg.num_key_value_heads, max_len, self.cfg.head_dim,
+                                            self.dtype, self.device)
+        self.max_len = max_len
+        if self.rope_cos.shape[0] < max_len or self.rope_cos.device != self.device:
+            self._rope(max(max_len, 4096), self.device)
+
+    def drop_cache(self):
+        for layer in self.layers:
+            layer.self_attn.cache = None
+        self.max_len = 0
+
+    def forward(self, tokens=None, embeds=None, start=0, last_only=False):
+        """Logits for the tokens (B, T) or embeddings (B, T, d) at positions start .. start+T-1.
+
+        With a cache (setup_cache) the keys/values are written to it and attention covers every earlier
+        position; without one the input is the whole sequence (training). `last_only` skips the
+        vocabulary projection for all but the last position, which is all that prefill needs.
+        """
+        x = self.embed_tokens(tokens) if embeds is None else embeds
+        T = x.shape[1]
+        if start + T > self.rope_cos.shape[0]:
+            self._rope(start + T, self.device)
+        cos = self.rope_cos[start:start + T].to(x.dtype)
+        sin = self.rope_sin[start:start + T].to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, start)
+        x = self.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype=None, device="cpu"):
+        """An HF-format Qwen2 folder: config.json + model.safetensors (or sharded with an index)."""
+        folder = Path(folder)
+        cfg = Qwen2Config.from_dict(read_config(folder))
+        tensors = read_safetensors(folder, dtype=dtype)
+        return load_llm(cfg, tensors, dtype, device)
+
+
+def read_config(folder):
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no config.json; point at a model folder")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it") from None
+
+
+def load_llm(cfg, tensors, dtype=None, device="cpu"):
+    """Build a Qwen2 for `cfg` and fill it from HF-named tensors (`model.layers.0...`, `lm_head.weight`).
+
+    The head is tied when the file has no `lm_head.weight`, whatever config.json says (Apple notes that
+    some exported checkpoints' flag disagrees with their files).
+    """
+    untied = "lm_head.weight" in tensors
+    cfg = Qwen2Config(**{**cfg.__dict__, "tie_word_embeddings": not untied})
+    with torch.device("meta"):                              # no time spent on a random init
+        model = Qwen2(cfg)
+    model = model.to_empty(device=device)                   # every tensor is filled below
+    if dtype is not None:
+        model = model.to(dtype)
+    if not untied:                                          # to_empty() made two tensors of the tied one
+        model.lm_head.weight = model.embed_tokens.weight
+    ours = {}
+    for name, value in tensors.items():
+        ours[name[len("model."):] if name.startswith("model.") else name] = value
+    load_exact(model, ours, where="language model")
+    model._rope(4096, device)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation.
+# ----------------------------------------------------------------------------------------------------
+
+def sample(logits, temperature=0.0, top_p=1.0, generator=None):
+    """One token id from (vocab,) logits: argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(model, tokens=None, embeds=None, start=0, max_new_tokens=64, temperature=0.0, top_p=1.0,
+             seed=None, stop_ids=(), on_token=None, vocab_limit=None):
+    """Prefill the prompt at `start`, then decode one token at a time through the KV cache.
+
+    Returns (new token ids without the stop token, next free cache position). Every returned id has
+    been written to the cache, so a follow-up turn can continue at that position. `on_token(id)` is
+    called as soon as each token is chosen (streaming). `vocab_limit` ignores logits past the
+    tokenizer's length (padding rows of the embedding), as the official loader does by resizing.
+    """
+    if model.max_len == 0:
+        raise ValueError("call model.setup_cache(max_len) before generate()")
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+    prompt = tokens if embeds is None else embeds
+    T = prompt.shape[1]
+    if start + T + max_new_tokens > model.max_len:
+        raise ValueError(f"prompt ({start + T} tokens) plus {max_new_tokens} new tokens exceeds "
+                         f"the cache of {model.max_len}")
+    logits = model(tokens, embeds, start=start, last_only=True)[0, -1]
+    pos, out = start + T, []
+    for _ in range(max_new_tokens):
+        token = sample(logits[:vocab_limit], temperature, top_p, generator)
+        if token in stop_ids:
+            break
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+        logits = model(torch.tensor([[token]], device=model.device), start=pos)[0, -1]
+        pos += 1
+    return out, pos
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer.
+# ----------------------------------------------------------------------------------------------------
+
+# Qwen2's pre-tokenizer: contractions, letters with one leading non-letter, single digits, punctuation
+# runs, newlines, and whitespace runs (a trailing space stays with the next word).
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPECIAL_TOKENS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
+
+
+class Tokenizer:
+    """Qwen2's byte-level BPE, from `tokenizer.json` or from `vocab.json` + `merges.txt`."""
+
+    def __init__(self, folder):
+        from tokenizers import AddedToken, Regex
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+        folder = Path(folder)
+        if (folder / "tokenizer.json").is_file():
+            self.tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            merges = []
+            for line in (folder / "merges.txt").read_text(encoding="utf-8").splitlines():
+                line = line.rstrip("\r")               # some copies ship CRLF line endings
+                if line and not line.startswith("#version"):
+                    merges.append(tuple(line.split(" ")))
+            tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+            tok.normalizer = normalizers.NFC()
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ])
+            tok.decoder = decoders.ByteLevel()
+            specials = dict(SPECIAL_TOKENS)
+            added = folder / "added_tokens.json"
+            if added.is_file():
+                specials.update(json.loads(added.read_text()))
+            for text, _ in sorted(specials.items(), key=lambda kv: kv[1]):
+                tok.add_special_tokens([AddedToken(text, special=True, normalized=False)])
+            self.tok = tok
+        else:
+            raise CheckpointError(f"{folder} has no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
+        for text, expected in SPECIAL_TOKENS.items():
+            got = self.tok.token_to_id(text)
+            if got is not None and got != expected and self.tok.get_vocab_size() > expected:
+                raise CheckpointError(f"{folder}: token {text} has id {got}, Qwen2 expects {expected}")
+
+    def __len__(self):
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, text):
+        return self.tok.token_to_id(text)

@@ -1,0 +1,582 @@
+"""FastViTHD, the hybrid vision encoder of FastVLM (CVPR 2025, Sec. 3.2 and Fig. 2), by hand.
+
+Read top to bottom, this file follows the encoder from pixels to visual tokens:
+
+    image (B, 3, H, W)
+    -> stem: three MobileOne conv blocks                      (B,   96, H/4,  W/4)
+    -> stage 1: RepMixer blocks                               (B,   96, H/4,  W/4)
+    -> downsample + stage 2: RepMixer blocks                  (B,  192, H/8,  W/8)
+    -> downsample + stage 3: RepMixer blocks                  (B,  384, H/16, W/16)
+    -> downsample + RepCPE + stage 4: attention blocks        (B,  768, H/32, W/32)
+    -> downsample + RepCPE + stage 5: attention blocks        (B, 1536, H/64, W/64)
+    -> final expansion conv + squeeze-excite                  (B, 3072, H/64, W/64)
+    -> flattened row-major: (H/64)*(W/64) tokens of width 3072 for the projector.
+
+At the released 1024 px that is 16 x 16 = 256 tokens. (The paper's stage table puts the first stage
+at /2 resolution steps later than the code does; the code and the checkpoints are what is built here.)
+
+Structural reparameterization (FastViT, Sec. 3.2.1; MobileOne; RepVGG). While training, several
+blocks are sums of linear branches: a k x k conv + BatchNorm, a 1 x 1 conv + BatchNorm, a BatchNorm on
+the identity, an identity skip. In eval mode each branch is an affine map of its input, and a sum of
+convolutions over the same input is one convolution, so every such block folds into a single conv with
+a bias. Each block below has both forms: the *training form* (branches) and the *fused form* (one
+`fused` conv). `reparameterize()` turns the first into the second in place, on one block or on the
+whole encoder; `FastViTHD(config, fused=True)` builds the fused form directly, which is the form the
+official checkpoints are stored in (`reparam_conv` / `lkb_reparam` there).
+
+Official names differ from the readable ones used here; `official_key()` translates, and
+`load_official()` loads the vision-tower tensors of a FastVLM checkpoint with every key checked.
+"""
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checkpoint import CheckpointError, load_exact
+
+
+# ----------------------------------------------------------------------------------------------------
+# The configuration: the released model is one named instance; small instances keep the structure.
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FastViTHDConfig:
+    depths: tuple = (2, 12, 24, 4, 2)        # blocks per stage
+    widths: tuple = (96, 192, 384, 768, 1536)  # channels per stage; each downsample doubles them
+    mixers: tuple = ("repmixer", "repmixer", "repmixer", "attention", "attention")
+    mlp_ratio: float = 4.0                  # ConvFFN hidden width = mlp_ratio * C
+    head_dim: int = 32                      # attention heads = C / head_dim
+    image_size: int = 1024                  # `mobileclip_l_1024`: the tower's input side
+    expansion: int = 2                      # final conv: widths[-1] -> expansion * widths[-1] (3072)
+    se_ratio: float = 1 / 16                # squeeze-excite bottleneck: 3072 -> 192 -> 3072
+    repmixer_kernel: int = 3
+    ffn_kernel: int = 7
+    downsample_kernel: int = 7              # large-kernel stride-2 conv between stages
+    cpe_kernel: int = 7                     # conditional positional encoding before attention stages
+    layer_scale_init: float = 1e-5
+
+    def __post_init__(self):
+        if not (len(self.depths) == len(self.widths) == len(self.mixers)):
+            raise ValueError("depths, widths and mixers need one entry per stage")
+        for w, m in zip(self.widths, self.mixers):
+            if m not in ("repmixer", "attention"):
+                raise ValueError(f"unknown token mixer {m!r}: use 'repmixer' or 'attention'")
+            if m == "attention" and w % self.head_dim:
+                raise ValueError(f"attention width {w} is not a multiple of head_dim {self.head_dim}")
+
+    @property
+    def out_channels(self):
+        return self.expansion * self.widths[-1]
+
+    @property
+    def stride(self):
+        """Total downsampling: /4 from the stem, then /2 before every stage after the first."""
+        return 4 * 2 ** (len(self.widths) - 1)
+
+    def num_tokens(self, height=None, width=None):
+        height = height or self.image_size
+        width = width or height
+        return (height // self.stride) * (width // self.stride)
+
+
+FASTVITHD = FastViTHDConfig()  # the released encoder (`fastvithd` in Apple's mci.py)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Folding algebra: BatchNorm into a conv, and the identity as a conv.
+# ----------------------------------------------------------------------------------------------------
+
+def fold_batchnorm(weight, bn):
+    """conv(x, W) followed by eval-mode BN equals conv(x, W * g/s) + (b - m * g/s), s = sqrt(var + eps).
+
+    `weight` may be None for a BatchNorm on the identity, in which case pass the identity kernel.
+    """
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)       # (C_out,)
+    return weight * scale.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+
+
+def identity_kernel(channels, groups, kernel_size, like):
+    """The k x k grouped conv that returns its input: 1 at the centre tap of each channel's own input."""
+    per_group = channels // groups
+    k = torch.zeros(channels, per_group, kernel_size, kernel_size, dtype=like.dtype, device=like.device)
+    k[torch.arange(channels), torch.arange(channels) % per_group, kernel_size // 2, kernel_size // 2] = 1
+    return k
+
+
+def pad_kernel(kernel, size):
+    """Zero-pad a small centred kernel (1x1, 3x3) to size x size so it can be added to a bigger one."""
+    p = (size - kernel.shape[-1]) // 2
+    return F.pad(kernel, [p, p, p, p])
+
+
+class ConvBN(nn.Module):
+    """A bias-free conv followed by BatchNorm: one branch of a training-form block."""
+
+    def __init__(self, c_in, c_out, kernel_size, stride=1, groups=1):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+    def kernel_bias(self):
+        return fold_batchnorm(self.conv.weight, self.bn)
+
+
+def make_fused_conv(c_in, c_out, kernel_size, stride=1, groups=1):
+    return nn.Conv2d(c_in, c_out, kernel_size, stride, kernel_size // 2, groups=groups, bias=True)
+
+
+def set_fused(module, kernel, bias, conv_args):
+    """Install the fused conv on `module` and mark it fused (the branches are deleted by the caller)."""
+    module.fused = make_fused_conv(*conv_args).to(device=kernel.device, dtype=kernel.dtype)
+    module.fused.weight.data.copy_(kernel)
+    module.fused.bias.data.copy_(bias)
+
+
+class Reparameterizable(nn.Module):
+    """Shared behaviour: `is_fused` and `reparameterize()` through the block's own `kernel_bias()`."""
+
+    @property
+    def is_fused(self):
+        return hasattr(self, "fused")
+
+    @torch.no_grad()
+    def reparameterize(self):
+        if self.is_fused:
+            return
+        kernel, bias = self.kernel_bias()
+        set_fused(self, kernel, bias, self.conv_args)
+        for name in self.branch_names:
+            delattr(self, name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Blocks of the figure.
+# ----------------------------------------------------------------------------------------------------
+
+class SqueezeExcite(nn.Module):
+    """Channel gating: global average -> 1x1 reduce -> ReLU -> 1x1 expand -> sigmoid -> scale input."""
+
+    def __init__(self, channels, ratio):
+        super().__init__()
+        hidden = max(1, int(channels * ratio))  # 3072 * 1/16 = 192 in the release
+        self.reduce = nn.Conv2d(channels, hidden, 1)
+        self.expand = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x):                                       # (B, C, H, W)
+        s = x.mean((2, 3), keepdim=True)                        # (B, C, 1, 1)
+        s = torch.sigmoid(self.expand(F.relu(self.reduce(s))))
+        return x * s
+
+
+class MobileOneBlock(Reparameterizable):
+    """MobileOne conv block (stem, downsampling 1x1, final expansion).
+
+    Training form: activation(se( sum_i ConvBN_k(x) + ConvBN_1x1(x) + BN(x) )); the 1x1 'scale' branch
+    exists for k > 1 when asked for, the BN 'skip' branch when the block keeps the shape.
+    Fused form: activation(se( conv_k(x) + bias )).
+    """
+
+    def __init__(self, c_in, c_out, kernel_size, stride=1, groups=1, *, scale_branch=True,
+                 conv_branches=1, se_ratio=None, activation=True, fused=False):
+        super().__init__()
+        self.conv_args = (c_in, c_out, kernel_size, stride, groups)
+        self.kernel_size, self.groups = kernel_size, groups
+        self.se = SqueezeExcite(c_out, se_ratio) if se_ratio else nn.Identity()
+        self.act = nn.GELU() if activation else nn.Identity()
+        if fused:
+            self.fused = make_fused_conv(*self.conv_args)
+            return
+        self.convs = nn.ModuleList(ConvBN(c_in, c_out, kernel_size, stride, groups) for _ in range(conv_branches))
+        self.scale = ConvBN(c_in, c_out, 1, stride, groups) if (scale_branch and kernel_size > 1) else None
+        self.skip = nn.BatchNorm2d(c_in) if (c_in == c_out and stride == 1) else None
+        self.branch_names = ("convs", "scale", "skip")
+
+    def forward(self, x):
+        if self.is_fused:
+            y = self.fused(x)
+        else:
+            y = sum(branch(x) for branch in self.convs)
+            if self.scale is not None:
+                y = y + self.scale(x)
+            if self.skip is not None:
+                y = y + self.skip(x)
+        return self.act(self.se(y))
+
+    def kernel_bias(self):
+        if self.is_fused:
+            return self.fused.weight, self.fused.bias
+        c_out, k = self.conv_args[1], self.kernel_size
+        kernel = self.convs[0].conv.weight.new_zeros(self.convs[0].conv.weight.shape) if self.convs else None
+        if kernel is None:  # a skip-only block (no conv branch)
+            kernel = self.skip.weight.new_zeros(c_out, c_out // self.groups, k, k)
+        bias = kernel.new_zeros(c_out)
+        for branch in self.convs:
+            w, b = branch.kernel_bias()
+            kernel, bias = kernel + w, bias + b
+        if self.scale is not None:
+            w, b = self.scale.kernel_bias()
+            kernel, bias = kernel + pad_kernel(w, k), bias + b
+        if self.skip is not None:
+            w, b = fold_batchnorm(identity_kernel(c_out, self.groups, k, kernel), self.skip)
+            kernel, bias = kernel + w, bias + b
+        return kernel, bias
+
+
+class LargeKernelConv(Reparameterizable):
+    """RepLKNet-style large-kernel depthwise conv that downsamples between stages (FastViT Sec. 3.2.3).
+
+    Training form: GELU( ConvBN_7x7(x) + ConvBN_3x3(x) ), both stride 2; fused: GELU( conv_7x7(x) + b ).
+    Grouped with groups = C_in and C_out = 2 C_in, so each input channel feeds two output channels.
+    """
+
+    def __init__(self, c_in, c_out, kernel_size, stride, small_kernel=3, fused=False):
+        super().__init__()
+        self.conv_args = (c_in, c_out, kernel_size, stride, c_in)
+        self.kernel_size = kernel_size
+        self.act = nn.GELU()
+        if fused:
+            self.fused = make_fused_conv(*self.conv_args)
+            return
+        self.large = ConvBN(c_in, c_out, kernel_size, stride, groups=c_in)
+        self.small = ConvBN(c_in, c_out, small_kernel, stride, groups=c_in)
+        self.branch_names = ("large", "small")
+
+    def forward(self, x):
+        y = self.fused(x) if self.is_fused else self.large(x) + self.small(x)
+        return self.act(y)
+
+    def kernel_bias(self):
+        if self.is_fused:
+            return self.fused.weight, self.fused.bias
+        w_large, b_large = self.large.kernel_bias()
+        w_small, b_small = self.small.kernel_bias()
+        return w_large + pad_kernel(w_small, self.kernel_size), b_large + b_small
+
+
+class Downsample(nn.Module):
+    """Between stages: (B, C, H, W) -> large-kernel stride-2 conv -> (B, 2C, H/2, W/2) -> 1x1 MobileOne."""
+
+    def __init__(self, c_in, c_out, kernel_size, fused=False):
+        super().__init__()
+        self.spatial = LargeKernelConv(c_in, c_out, kernel_size, stride=2, fused=fused)
+        self.pointwise = MobileOneBlock(c_out, c_out, 1, fused=fused)
+
+    def forward(self, x):
+        return self.pointwise(self.spatial(x))
+
+
+class RepMixer(Reparameterizable):
+    """Token mixing of stages 1-3 (FastViT Sec. 3.2.1, Eq. 1-2).
+
+    Training form:  x + layer_scale * ( mixer(x) - BN(x) ), mixer = depthwise MobileOne block without
+    activation (3x3 ConvBN + 1x1 ConvBN + BN skip). Every term is a depthwise linear map of x, so
+    the fused form is a single depthwise conv: K = I + ls * (K_mixer - K_bn), b = ls * (b_mixer - b_bn).
+    The skip connection disappears into the kernel: at inference the block is *one* 3x3 depthwise conv.
+    """
+
+    def __init__(self, dim, kernel_size, layer_scale_init, fused=False):
+        super().__init__()
+        self.conv_args = (dim, dim, kernel_size, 1, dim)
+        self.kernel_size = kernel_size
+        if fused:
+            self.fused = make_fused_conv(*self.conv_args)
+            return
+        self.norm = nn.BatchNorm2d(dim)
+        self.mixer = MobileOneBlock(dim, dim, kernel_size, groups=dim, activation=False)
+        self.layer_scale = nn.Parameter(torch.full((dim, 1, 1), layer_scale_init))
+        self.branch_names = ("norm", "mixer", "layer_scale")
+
+    def forward(self, x):                                       # (B, C, H, W) -> (B, C, H, W)
+        if self.is_fused:
+            return self.fused(x)
+        return x + self.layer_scale * (self.mixer(x) - self.norm(x))
+
+    def kernel_bias(self):
+        if self.is_fused:
+            return self.fused.weight, self.fused.bias
+        dim, k = self.conv_args[0], self.kernel_size
+        w_mix, b_mix = self.mixer.kernel_bias()
+        eye = identity_kernel(dim, dim, k, w_mix)
+        w_norm, b_norm = fold_batchnorm(eye, self.norm)
+        ls = self.layer_scale                                   # (C, 1, 1)
+        return eye + ls.unsqueeze(-1) * (w_mix - w_norm), ls.flatten() * (b_mix - b_norm)
+
+
+class RepCPE(Reparameterizable):
+    """Conditional positional encoding (Chu et al.; FastViT Sec. 3.2.2): x + depthwise_conv_7x7(x).
+
+    Placed before each attention stage, it gives attention a position signal that works at any
+    resolution. The residual folds into the kernel's centre tap in the fused form.
+    """
+
+    def __init__(self, dim, kernel_size, fused=False):
+        super().__init__()
+        self.conv_args = (dim, dim, kernel_size, 1, dim)
+        self.kernel_size = kernel_size
+        if fused:
+            self.fused = make_fused_conv(*self.conv_args)
+            return
+        self.pe = make_fused_conv(*self.conv_args)
+        self.branch_names = ("pe",)
+
+    def forward(self, x):
+        return self.fused(x) if self.is_fused else x + self.pe(x)
+
+    def kernel_bias(self):
+        if self.is_fused:
+            return self.fused.weight, self.fused.bias
+        dim = self.conv_args[0]
+        return self.pe.weight + identity_kernel(dim, dim, self.kernel_size, self.pe.weight), self.pe.bias
+
+
+class ConvFFN(Reparameterizable):
+    """Convolutional feed-forward (FastViT Sec. 3.2.3): depthwise 7x7 conv + BN, 1x1 to 4C, GELU, 1x1 to C.
+
+    The depthwise conv gives the FFN a local receptive field. The official checkpoints keep its
+    BatchNorm (that is the form `fused=True` builds); `reparameterize()` folds it into the conv.
+    """
+
+    def __init__(self, dim, hidden, kernel_size):
+        super().__init__()
+        self.conv_args = (dim, dim, kernel_size, 1, dim)
+        self.local = ConvBN(dim, dim, kernel_size, groups=dim)
+        self.branch_names = ("local",)
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x):                                       # (B, C, H, W)
+        x = self.fused(x) if self.is_fused else self.local(x)
+        return self.fc2(self.act(self.fc1(x)))                  # (B, 4C, H, W) inside, (B, C, H, W) out
+
+    def kernel_bias(self):
+        return (self.fused.weight, self.fused.bias) if self.is_fused else self.local.kernel_bias()
+
+
+class RepMixerBlock(nn.Module):
+    """Stages 1-3 (Fig. 2, 'RepMixer'): x = RepMixer(x); x = x + layer_scale * ConvFFN(x)."""
+
+    def __init__(self, dim, cfg, fused=False):
+        super().__init__()
+        self.token_mixer = RepMixer(dim, cfg.repmixer_kernel, cfg.layer_scale_init, fused=fused)
+        self.convffn = ConvFFN(dim, int(dim * cfg.mlp_ratio), cfg.ffn_kernel)
+        self.layer_scale = nn.Parameter(torch.full((dim, 1, 1), cfg.layer_scale_init))
+
+    def forward(self, x):
+        x = self.token_mixer(x)
+        return x + self.layer_scale * self.convffn(x)
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels of a (B, C, H, W) map, i.e. per pixel, as a token would be normalised."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x):                                       # (B, C, H, W)
+        x = x.permute(0, 2, 3, 1)                               # (B, H, W, C): normalise the last dim
+        x = F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class MHSA(nn.Module):
+    """Multi-head self-attention over all H*W positions of a stage-4/5 map (no bias on qkv)."""
+
+    use_sdpa = True  # False runs the plain softmax(q k^T / sqrt(d)) v below, for reading and checking
+
+    def __init__(self, dim, head_dim):
+        super().__init__()
+        self.heads, self.head_dim = dim // head_dim, head_dim
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):                                       # (B, C, H, W)
+        B, C, H, W = x.shape
+        tokens = x.flatten(2).transpose(1, 2)                   # (B, N, C), N = H*W, row-major
+        qkv = self.qkv(tokens).reshape(B, H * W, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                    # each (B, heads, N, head_dim)
+        if self.use_sdpa:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)   # (B, heads, N, N)
+            out = attn.softmax(-1) @ v
+        out = self.proj(out.transpose(1, 2).reshape(B, H * W, C))      # (B, N, C)
+        return out.transpose(1, 2).reshape(B, C, H, W)
+
+
+class AttentionBlock(nn.Module):
+    """Stages 4-5 (Fig. 2, 'Self-Attention'): x += ls1 * MHSA(LN(x)); x += ls2 * ConvFFN(x)."""
+
+    def __init__(self, dim, cfg):
+        super().__init__()
+        self.norm = ChannelLayerNorm(dim)
+        self.token_mixer = MHSA(dim, cfg.head_dim)
+        self.convffn = ConvFFN(dim, int(dim * cfg.mlp_ratio), cfg.ffn_kernel)
+        self.layer_scale_1 = nn.Parameter(torch.full((dim, 1, 1), cfg.layer_scale_init))
+        self.layer_scale_2 = nn.Parameter(torch.full((dim, 1, 1), cfg.layer_scale_init))
+
+    def forward(self, x):
+        x = x + self.layer_scale_1 * self.token_mixer(self.norm(x))
+        return x + self.layer_scale_2 * self.convffn(x)
+
+
+class Stage(nn.Module):
+    """One column of Fig. 2: [downsample] -> [RepCPE, attention stages only] -> blocks."""
+
+    def __init__(self, index, cfg, fused=False):
+        super().__init__()
+        dim = cfg.widths[index]
+        self.downsample = (Downsample(cfg.widths[index - 1], dim, cfg.downsample_kernel, fused)
+                           if index > 0 else nn.Identity())
+        attention = cfg.mixers[index] == "attention"
+        self.cpe = RepCPE(dim, cfg.cpe_kernel, fused) if attention else nn.Identity()
+        self.blocks = nn.Sequential(*(
+            AttentionBlock(dim, cfg) if attention else RepMixerBlock(dim, cfg, fused)
+            for _ in range(cfg.depths[index])))
+
+    def forward(self, x):
+        return self.blocks(self.cpe(self.downsample(x)))
+
+
+class FastViTHD(nn.Module):
+    """The encoder: image (B, 3, H, W) in [0, 1] -> feature map (B, 3072, H/64, W/64).
+
+    H and W must be multiples of the total stride (64); the released model is trained at 1024.
+    """
+
+    def __init__(self, cfg=FASTVITHD, fused=False):
+        super().__init__()
+        self.cfg = cfg
+        c0 = cfg.widths[0]
+        # Stem (/4): 3x3 s2 full conv, 3x3 s2 depthwise, 1x1; the released stem has no 1x1 scale branch.
+        self.stem = nn.Sequential(
+            MobileOneBlock(3, c0, 3, stride=2, scale_branch=False, fused=fused),
+            MobileOneBlock(c0, c0, 3, stride=2, groups=c0, scale_branch=False, fused=fused),
+            MobileOneBlock(c0, c0, 1, scale_branch=False, fused=fused),
+        )
+        self.stages = nn.ModuleList(Stage(i, cfg, fused) for i in range(len(cfg.depths)))
+        # Final expansion: grouped 3x3 conv doubling the channels, squeeze-excite, GELU (-> 3072).
+        c_last = cfg.widths[-1]
+        self.expand = MobileOneBlock(c_last, cfg.out_channels, 3, groups=c_last,
+                                     se_ratio=cfg.se_ratio, fused=fused)
+
+    def forward(self, images, return_stages=False):
+        s = self.cfg.stride
+        if images.shape[-1] % s or images.shape[-2] % s:
+            raise ValueError(f"image side {tuple(images.shape[-2:])} must be a multiple of {s}")
+        x = self.stem(images)                                   # (B, 96, H/4, W/4)
+        stages = []
+        for stage in self.stages:                               # /4, /8, /16, /32, /64
+            x = stage(x)
+            stages.append(x)
+        x = self.expand(x)                                      # (B, 3072, H/64, W/64)
+        return (x, stages) if return_stages else x
+
+    def reparameterize(self):
+        """Fuse every reparameterizable block in place (eval-mode semantics: BN uses running stats)."""
+        reparameterize(self)
+        return self
+
+    @property
+    def is_fused(self):
+        return all(m.is_fused for m in self.modules() if isinstance(m, Reparameterizable))
+
+
+def reparameterize(module):
+    """Fuse `module` and every reparameterizable block inside it. Idempotent."""
+    for m in list(module.modules()):
+        if isinstance(m, Reparameterizable):
+            m.reparameterize()
+    return module
+
+
+def to_tokens(features):
+    """(B, C, h, w) feature map -> (B, h*w, C) tokens, row-major, as the projector expects."""
+    return features.flatten(2).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Official checkpoint names.
+# ----------------------------------------------------------------------------------------------------
+
+OFFICIAL_PREFIX = "model.vision_tower.vision_tower.model."
+UNUSED_OFFICIAL = ("head.",)  # MobileCLIP's projection head: computed by Apple's forward, never used
+
+
+def official_network_layout(cfg):
+    """Apple's flat `network` list -> (stage, part) for each index: blocks, [downsample], [cpe], blocks, ..."""
+    layout = []
+    for i, mixer in enumerate(cfg.mixers):
+        if i > 0:
+            layout.append((i, "downsample"))
+        if mixer == "attention":
+            layout.append((i, "cpe"))
+        layout.append((i, "blocks"))
+    return layout
+
+
+_RENAMES = [  # (official, ours); the downsample patterns must come before the generic `reparam_conv`
+    (r"^patch_embed\.", "stem."),
+    (r"^conv_exp\.", "expand."),
+    (r"downsample\.proj\.0\.lkb_reparam\.", "downsample.spatial.fused."),
+    (r"downsample\.proj\.1\.reparam_conv\.", "downsample.pointwise.fused."),
+    (r"convffn\.conv\.conv\.", "convffn.local.conv."),
+    (r"convffn\.conv\.bn\.", "convffn.local.bn."),
+    (r"reparam_conv\.", "fused."),
+]
+
+
+def official_key(key, cfg=FASTVITHD):
+    """Our parameter name for an official vision-tower key (prefix removed); None for the unused head.
+
+    e.g. `network.7.0.token_mixer.qkv.weight` -> `stages.3.blocks.0.token_mixer.qkv.weight`.
+    """
+    if key.startswith(UNUSED_OFFICIAL):
+        return None
+    m = re.match(r"network\.(\d+)\.(.*)", key)
+    if m:
+        layout = official_network_layout(cfg)
+        if int(m.group(1)) >= len(layout):
+            raise CheckpointError(f"vision tower: unexpected tensor '{key}': this config has no network.{m.group(1)}")
+        stage, part = layout[int(m.group(1))]
+        key = f"stages.{stage}.{part}.{m.group(2)}"
+    for pattern, repl in _RENAMES:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def is_official_form(model):
+    """Every branch merged except the ConvFFN BatchNorm: the layout of Apple's stored checkpoints."""
+    blocks = [m for m in model.modules() if isinstance(m, Reparameterizable)]
+    return all(m.is_fused != isinstance(m, ConvFFN) for m in blocks)
+
+
+def load_official(model, tensors, prefix=OFFICIAL_PREFIX):
+    """Load official vision-tower tensors (full checkpoint names) into a fused-form FastViTHD.
+
+    Only keys under `prefix` are considered; `head.*` is dropped by name; everything else must map
+    onto a parameter or buffer with the same shape, and every parameter and buffer must be filled.
+    """
+    if not is_official_form(model):
+        raise ValueError("official checkpoints are stored fused with the ConvFFN BatchNorm kept: "
+                         "load into FastViTHD(cfg, fused=True) before calling reparameterize()")
+    ours = {}
+    for name, value in tensors.items():
+        if not name.startswith(prefix):
+            continue
+        mapped = official_key(name[len(prefix):], model.cfg)
+        if mapped is not None:
+            ours[mapped] = value
+    if not ours:
+        raise CheckpointError(f"no vision-tower tensors under '{prefix}': not a FastVLM checkpoint")
+    load_exact(model, ours, where="vision tower")
+    return model

@@ -1,0 +1,236 @@
+"""FastViTHD: reparameterization is exact, shapes and counts match the release, outputs match timm."""
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from safetensors.torch import load_file
+
+import repmixer as R
+from checkpoint import CheckpointError
+from synthetic import FIXTURES, manifest, synthetic_image, synthetic_state_dict
+
+torch.set_grad_enabled(False)
+
+# Tolerance of the property tests. They run in float64, where the folding algebra is exact up to
+# ~1e-15 relative; a wrong fold (a missed branch, a padding off by one, a BN on the wrong side) is an
+# O(1) error. 1e-9 of the output's largest magnitude separates the two by six orders either way.
+REL64 = 1e-9
+
+
+def randomize_bn(module, gen):
+    """Give every BatchNorm random statistics and affine parameters, as after training."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=gen, dtype=m.running_mean.dtype) * 0.5)
+            m.running_var.copy_(torch.rand(c, generator=gen, dtype=m.running_var.dtype) * 2 + 0.1)
+            m.weight.copy_(torch.randn(c, generator=gen, dtype=m.weight.dtype))
+            m.bias.copy_(torch.randn(c, generator=gen, dtype=m.bias.dtype))
+        for name, p in m.named_parameters(recurse=False):
+            if "layer_scale" in name:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+        if isinstance(m, torch.nn.Conv2d) and m.bias is not None:
+            m.bias.copy_(torch.randn(m.bias.shape, generator=gen, dtype=m.bias.dtype) * 0.1)
+    return module
+
+
+def assert_fuses_exactly(block, x, seed, rel=REL64):
+    gen = torch.Generator().manual_seed(seed)
+    block = randomize_bn(block.double(), gen).eval()
+    x = x.double()
+    before = block(x)
+    R.reparameterize(block)
+    assert all(m.is_fused for m in block.modules() if isinstance(m, R.Reparameterizable))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in block.modules()), "a BatchNorm survived"
+    after = block(x)
+    assert before.shape == after.shape
+    assert before.std() > 1e-3, "the block's output is degenerate; the check would prove nothing"
+    assert (after - before).abs().max() <= rel * before.abs().max()
+
+
+channels = st.integers(1, 6)
+sides = st.integers(5, 17)
+seeds = st.integers(0, 2**31 - 1)
+
+
+@settings(deadline=None, max_examples=40)
+@given(groups=channels, per_group_in=st.integers(1, 3), per_group_out=st.integers(1, 3),
+       kernel=st.sampled_from([1, 3, 5]), stride=st.sampled_from([1, 2]), scale=st.booleans(),
+       branches=st.integers(1, 3), se=st.booleans(), act=st.booleans(), side=sides, seed=seeds)
+def test_mobileone_block_fuses_exactly(groups, per_group_in, per_group_out, kernel, stride, scale,
+                                       branches, se, act, side, seed):
+    c_in, c_out = groups * per_group_in, groups * per_group_out
+    block = R.MobileOneBlock(c_in, c_out, kernel, stride, groups, scale_branch=scale,
+                             conv_branches=branches, se_ratio=0.5 if se else None, activation=act)
+    x = torch.randn(2, c_in, side, side, generator=torch.Generator().manual_seed(seed))
+    assert_fuses_exactly(block, x, seed)
+
+
+@settings(deadline=None, max_examples=25)
+@given(c=channels, mult=st.integers(1, 2), kernel=st.sampled_from([3, 5, 7]), stride=st.sampled_from([1, 2]),
+       side=sides, seed=seeds)
+def test_large_kernel_conv_fuses_exactly(c, mult, kernel, stride, side, seed):
+    block = R.LargeKernelConv(c, c * mult, kernel, stride, small_kernel=3)
+    assert_fuses_exactly(block, torch.randn(1, c, side, side, generator=torch.Generator().manual_seed(seed)), seed)
+
+
+@settings(deadline=None, max_examples=25)
+@given(c=channels, kernel=st.sampled_from([3, 5, 7]), side=sides, seed=seeds)
+def test_repmixer_fuses_exactly(c, kernel, side, seed):
+    block = R.RepMixer(c, kernel, layer_scale_init=1e-5)
+    assert_fuses_exactly(block, torch.randn(2, c, side, side, generator=torch.Generator().manual_seed(seed)), seed)
+
+
+@settings(deadline=None, max_examples=20)
+@given(c=channels, kernel=st.sampled_from([3, 7]), side=sides, seed=seeds)
+def test_repcpe_fuses_exactly(c, kernel, side, seed):
+    block = R.RepCPE(c, kernel)
+    torch.nn.init.normal_(block.pe.weight)
+    assert_fuses_exactly(block, torch.randn(1, c, side, side, generator=torch.Generator().manual_seed(seed)), seed)
+
+
+@settings(deadline=None, max_examples=20)
+@given(c=channels, hidden=st.integers(1, 12), kernel=st.sampled_from([3, 7]), side=sides, seed=seeds)
+def test_convffn_fuses_exactly(c, hidden, kernel, side, seed):
+    block = R.ConvFFN(c, hidden, kernel)
+    assert_fuses_exactly(block, torch.randn(1, c, side, side, generator=torch.Generator().manual_seed(seed)), seed)
+
+
+def small_config(width=8, depth=1):
+    return R.FastViTHDConfig(depths=(depth,) * 5, widths=tuple(width * 2 ** i for i in range(5)),
+                             head_dim=width, image_size=128)
+
+
+@settings(deadline=None, max_examples=8)
+@given(width=st.sampled_from([4, 8]), depth=st.integers(1, 2), seed=seeds)
+def test_small_encoder_fuses_exactly(width, depth, seed):
+    torch.manual_seed(seed)
+    model = R.FastViTHD(small_config(width, depth))
+    assert_fuses_exactly(model, torch.rand(1, 3, 128, 128), seed)
+
+
+def test_small_encoder_fuses_in_float32_within_1e5():
+    """The same property at the precision inference runs in: 1e-5 of the output's magnitude."""
+    torch.manual_seed(0)
+    model = randomize_bn(R.FastViTHD(small_config(8, 2)), torch.Generator().manual_seed(0)).eval()
+    x = torch.rand(2, 3, 128, 192)
+    before = model(x)
+    after = model.reparameterize()(x)
+    assert model.is_fused and before.std() > 1e-3
+    assert (after - before).abs().max() <= 1e-5 * before.abs().max()
+
+
+def test_fused_construction_matches_reparameterized_structure():
+    """Building fused directly gives exactly the parameters that reparameterize() leaves."""
+    cfg = small_config()
+    fused = R.FastViTHD(cfg, fused=True).reparameterize()
+    trained = R.FastViTHD(cfg).reparameterize()
+    assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in trained.state_dict().items()}
+
+
+# --- shapes, token counts and parameter counts of the released configuration ------------------------
+
+def test_paper_token_table_comes_out_of_the_config():
+    table = {side: R.FASTVITHD.num_tokens(side) for side in (256, 512, 768, 1024)}
+    assert table == {256: 16, 512: 64, 768: 144, 1024: 256}
+    assert R.FASTVITHD.stride == 64 and R.FASTVITHD.out_channels == 3072
+
+
+@pytest.fixture(scope="module")
+def official_encoder():
+    model = R.FastViTHD(fused=True).eval()
+    R.load_official(model, synthetic_state_dict(prefix=R.OFFICIAL_PREFIX))
+    return model
+
+
+@settings(deadline=None, max_examples=4)
+@given(h=st.integers(1, 5), w=st.integers(1, 5))
+def test_output_grid_is_h64_by_w64_with_3072_channels(official_encoder, h, w):
+    features, stages = official_encoder(torch.rand(1, 3, 64 * h, 64 * w), return_stages=True)
+    assert features.shape == (1, 3072, h, w)
+    assert R.to_tokens(features).shape == (1, h * w, 3072)
+    strides = [4, 8, 16, 32, 64]
+    assert [s.shape[1:] for s in stages] == [
+        (c, 64 * h // st_, 64 * w // st_) for c, st_ in zip((96, 192, 384, 768, 1536), strides)]
+
+
+def test_image_side_not_multiple_of_64_is_refused(official_encoder):
+    with pytest.raises(ValueError, match="multiple of 64"):
+        official_encoder(torch.rand(1, 3, 100, 128))
+
+
+def test_parameter_count_of_the_release():
+    counts = json.loads((FIXTURES / "param_counts.json").read_text())["0.5b"]
+    model = R.FastViTHD(fused=True)
+    ours = sum(p.numel() for p in model.parameters())
+    head = 3072 * 768  # MobileCLIP's head.proj, in the checkpoint but unused
+    assert ours == counts["vision_tower_parameters_excluding_unused_head"] == 122_714_208
+    assert ours + head == counts["by_component"]["vision_tower"]["parameters"] == 125_073_504
+
+
+@pytest.mark.parametrize("size", ["0.5b", "1.5b", "7b"])
+def test_every_manifest_key_maps_onto_the_model(size):
+    model = R.FastViTHD(fused=True)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    seen = set()
+    for key, shape, _ in manifest(size):
+        if not key.startswith(R.OFFICIAL_PREFIX):
+            continue
+        mapped = R.official_key(key[len(R.OFFICIAL_PREFIX):])
+        if mapped is None:
+            assert key.endswith("head.proj")
+            continue
+        assert mapped in ours, f"{key} -> {mapped} is not a model tensor"
+        assert ours[mapped] == shape, key
+        seen.add(mapped)
+    assert seen == set(ours), f"not filled: {sorted(set(ours) - seen)[:3]}"
+
+
+def test_official_key_mapping_examples():
+    assert R.official_key("patch_embed.0.reparam_conv.weight") == "stem.0.fused.weight"
+    assert R.official_key("network.0.1.token_mixer.reparam_conv.bias") == "stages.0.blocks.1.token_mixer.fused.bias"
+    assert R.official_key("network.1.proj.0.lkb_reparam.weight") == "stages.1.downsample.spatial.fused.weight"
+    assert R.official_key("network.5.proj.1.reparam_conv.bias") == "stages.3.downsample.pointwise.fused.bias"
+    assert R.official_key("network.6.reparam_conv.weight") == "stages.3.cpe.fused.weight"
+    assert R.official_key("network.10.1.convffn.conv.bn.running_var") == "stages.4.blocks.1.convffn.local.bn.running_var"
+    assert R.official_key("network.7.3.token_mixer.qkv.weight") == "stages.3.blocks.3.token_mixer.qkv.weight"
+    assert R.official_key("conv_exp.se.reduce.weight") == "expand.se.reduce.weight"
+    assert R.official_key("head.proj") is None
+
+
+def test_loader_names_the_bad_key():
+    vt = synthetic_state_dict(prefix=R.OFFICIAL_PREFIX)
+    bad_shape = dict(vt)
+    key = R.OFFICIAL_PREFIX + "network.2.3.convffn.fc1.weight"
+    bad_shape[key] = torch.zeros(5, 5, 1, 1)
+    with pytest.raises(CheckpointError, match=r"stages\.1\.blocks\.3\.convffn\.fc1\.weight.*\(5, 5, 1, 1\)"):
+        R.load_official(R.FastViTHD(fused=True), bad_shape)
+    missing = dict(vt)
+    del missing[R.OFFICIAL_PREFIX + "conv_exp.se.expand.bias"]
+    with pytest.raises(CheckpointError, match=r"missing tensor 'expand\.se\.expand\.bias'"):
+        R.load_official(R.FastViTHD(fused=True), missing)
+    extra = dict(vt)
+    extra[R.OFFICIAL_PREFIX + "network.11.0.layer_scale"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match=r"network\.11\.0\.layer_scale"):
+        R.load_official(R.FastViTHD(fused=True), extra)
+    with pytest.raises(ValueError, match="fused=True"):
+        R.load_official(R.FastViTHD(), vt)
+
+
+# --- reference outputs from timm's fastvit_mci3 (tests/make_encoder_fixtures.py) ---------------------
+
+def test_matches_timm_reference_at_256_and_1024(official_encoder):
+    ref = load_file(str(FIXTURES / "encoder_reference.safetensors"))
+    for fuse_ffn_bn in (False, True):
+        model = official_encoder if not fuse_ffn_bn else official_encoder.reparameterize()
+        out = model(synthetic_image(256))
+        assert ref["features_256"].std() > 1.0 and out.std() > 1.0, "collapsed activations prove nothing"
+        assert (out - ref["features_256"]).abs().max() <= 1e-4 * ref["features_256"].abs().max()
+    out = official_encoder(synthetic_image(1024))
+    mean, std, amax = ref["features_1024_stats"]
+    assert std > 1.0
+    sub = ref["features_1024_every16"]
+    assert (out[:, ::16] - sub).abs().max() <= 1e-4 * sub.abs().max()
+    assert torch.allclose(torch.stack([out.mean(), out.std(), out.abs().max()]), ref["features_1024_stats"], rtol=1e-4)
