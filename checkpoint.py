@@ -70,20 +70,23 @@ def read_safetensors(folder, prefix="", dtype=None):
     return tensors
 
 
-def load_exact(module, tensors, where="checkpoint"):
+def load_exact(module, tensors, where="checkpoint", file_names=None):
     """Copy `tensors` into `module`'s parameters and buffers; every one on both sides must match.
 
     Non-persistent buffers (RoPE tables) are computed, not stored, so they are not expected. Tied
     parameters (one tensor under two names) are filled once and may appear under either name.
+    `file_names` maps our names to the checkpoint's, so that an error names the key in the file.
     """
+    file_names = file_names or {}
     own = module.state_dict(keep_vars=True)
     for name, value in tensors.items():
+        shown = f"'{file_names[name]}' (ours: {name})" if name in file_names else f"'{name}'"
         if name not in own:
-            raise CheckpointError(f"{where}: unexpected tensor '{name}' (shape {tuple(value.shape)}): "
+            raise CheckpointError(f"{where}: unexpected tensor {shown} (shape {tuple(value.shape)}): "
                                   "the checkpoint does not match this model's config")
         target = own[name]
         if tuple(target.shape) != tuple(value.shape):
-            raise CheckpointError(f"{where}: '{name}' has shape {tuple(value.shape)} but the config "
+            raise CheckpointError(f"{where}: {shown} has shape {tuple(value.shape)} but the config "
                                   f"gives {tuple(target.shape)}: config.json and the weights disagree")
     filled = set()
     with torch.no_grad():
@@ -92,5 +95,6 @@ def load_exact(module, tensors, where="checkpoint"):
             filled.add(id(own[name]))
     for name, target in own.items():
         if name not in tensors and id(target) not in filled:
-            raise CheckpointError(f"{where}: missing tensor '{name}' (shape {tuple(target.shape)}): "
+            shown = f"'{file_names[name]}' (ours: {name})" if name in file_names else f"'{name}'"
+            raise CheckpointError(f"{where}: missing tensor {shown} (shape {tuple(target.shape)}): "
                                   "the checkpoint is incomplete or for another model")

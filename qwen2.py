@@ -229,12 +229,19 @@ class Qwen2(nn.Module):
         return self.embed_tokens.weight.dtype
 
     def setup_cache(self, max_len, batch=1):
-        """Allocate every layer's KV cache once, for sequences of up to max_len tokens."""
+        """Allocate every layer's KV cache once, for sequences of up to max_len tokens.
+
+        Called again with a larger max_len, it keeps what is already cached (a longer conversation).
+        """
         if max_len > self.cfg.max_position_embeddings:
             raise ValueError(f"max_len {max_len} exceeds the model's context of {self.cfg.max_position_embeddings}")
         for layer in self.layers:
-            layer.self_attn.cache = KVCache(batch, self.cfg.num_key_value_heads, max_len, self.cfg.head_dim,
-                                            self.dtype, self.device)
+            old = layer.self_attn.cache
+            new = KVCache(batch, self.cfg.num_key_value_heads, max_len, self.cfg.head_dim, self.dtype, self.device)
+            if old is not None and old.k.shape[0] == batch:
+                keep = min(old.k.shape[2], max_len)
+                new.k[:, :, :keep], new.v[:, :, :keep] = old.k[:, :, :keep], old.v[:, :, :keep]
+            layer.self_attn.cache = new
         self.max_len = max_len
         if self.rope_cos.shape[0] < max_len or self.rope_cos.device != self.device:
             self._rope(max(max_len, 4096), self.device)
@@ -298,10 +305,10 @@ def load_llm(cfg, tensors, dtype=None, device="cpu"):
         model = model.to(dtype)
     if not untied:                                          # to_empty() made two tensors of the tied one
         model.lm_head.weight = model.embed_tokens.weight
-    ours = {}
-    for name, value in tensors.items():
-        ours[name[len("model."):] if name.startswith("model.") else name] = value
-    load_exact(model, ours, where="language model")
+    ours = {name.removeprefix("model."): value for name, value in tensors.items()}
+    file_names = {name: name if name.startswith("lm_head.") else "model." + name for name in model.state_dict()}
+    load_exact(model, ours, where="language model",
+               file_names={**file_names, **{name.removeprefix("model."): name for name in tensors}})
     model._rope(4096, device)
     return model.eval()
 

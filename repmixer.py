@@ -524,15 +524,28 @@ def official_network_layout(cfg):
     return layout
 
 
-_RENAMES = [  # (official, ours); the downsample patterns must come before the generic `reparam_conv`
-    (r"^patch_embed\.", "stem."),
-    (r"^conv_exp\.", "expand."),
-    (r"downsample\.proj\.0\.lkb_reparam\.", "downsample.spatial.fused."),
-    (r"downsample\.proj\.1\.reparam_conv\.", "downsample.pointwise.fused."),
-    (r"convffn\.conv\.conv\.", "convffn.local.conv."),
-    (r"convffn\.conv\.bn\.", "convffn.local.bn."),
-    (r"reparam_conv\.", "fused."),
+# (official, ours) name fragments. A leading ^ anchors at the start of the name. Order matters: the
+# downsampling patterns come before the generic `reparam_conv` <-> `fused`, in both directions.
+_RENAMES = [
+    ("^patch_embed.", "^stem."),
+    ("^conv_exp.", "^expand."),
+    ("downsample.proj.0.lkb_reparam.", "downsample.spatial.fused."),
+    ("downsample.proj.1.reparam_conv.", "downsample.pointwise.fused."),
+    ("convffn.conv.conv.", "convffn.local.conv."),
+    ("convffn.conv.bn.", "convffn.local.bn."),
+    ("reparam_conv.", "fused."),
 ]
+
+
+def _rename(key, to_ours):
+    for official, ours in _RENAMES:
+        src, dst = (official, ours) if to_ours else (ours, official)
+        if src.startswith("^"):
+            if key.startswith(src[1:]):
+                key = dst[1:] + key[len(src) - 1:]
+        else:
+            key = key.replace(src, dst, 1)
+    return key
 
 
 def official_key(key, cfg=FASTVITHD):
@@ -549,8 +562,16 @@ def official_key(key, cfg=FASTVITHD):
             raise CheckpointError(f"vision tower: unexpected tensor '{key}': this config has no network.{m.group(1)}")
         stage, part = layout[int(m.group(1))]
         key = f"stages.{stage}.{part}.{m.group(2)}"
-    for pattern, repl in _RENAMES:
-        key = re.sub(pattern, repl, key)
+    return _rename(key, to_ours=True)
+
+
+def to_official_key(key, cfg=FASTVITHD):
+    """The inverse of official_key: our name -> Apple's (prefix not added), for writing checkpoints."""
+    key = _rename(key, to_ours=False)
+    m = re.match(r"stages\.(\d+)\.(downsample|cpe|blocks)\.(.*)", key)
+    if m:
+        index = official_network_layout(cfg).index((int(m.group(1)), m.group(2)))
+        key = f"network.{index}.{m.group(3)}"
     return key
 
 
@@ -569,14 +590,15 @@ def load_official(model, tensors, prefix=OFFICIAL_PREFIX):
     if not is_official_form(model):
         raise ValueError("official checkpoints are stored fused with the ConvFFN BatchNorm kept: "
                          "load into FastViTHD(cfg, fused=True) before calling reparameterize()")
+    file_names = {name: prefix + to_official_key(name, model.cfg) for name in model.state_dict()}
     ours = {}
     for name, value in tensors.items():
         if not name.startswith(prefix):
             continue
         mapped = official_key(name[len(prefix):], model.cfg)
         if mapped is not None:
-            ours[mapped] = value
+            ours[mapped], file_names[mapped] = value, name
     if not ours:
         raise CheckpointError(f"no vision-tower tensors under '{prefix}': not a FastVLM checkpoint")
-    load_exact(model, ours, where="vision tower")
+    load_exact(model, ours, where="vision tower", file_names=file_names)
     return model

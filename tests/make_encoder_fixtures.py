@@ -19,20 +19,22 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]  # tests/, repo root
 from synthetic import FIXTURES, synthetic_image, synthetic_state_dict  # noqa: E402
 
 PREFIX = "model.vision_tower.vision_tower.model."
 
 
-def timm_encoder():
+def timm_encoder(tensors=None):
+    """timm's FastViTHD holding the official-named `tensors` (default: the synthetic ones)."""
     import timm
     from timm.models.fastvit import checkpoint_filter_fn
     from timm.utils.model import reparameterize_model
 
     model = timm.create_model("fastvit_mci3", num_classes=0)
     model = reparameterize_model(model).eval()         # the fused form the official weights are stored in
-    official = {k[len(PREFIX):]: v for k, v in synthetic_state_dict(prefix=PREFIX).items()}
+    tensors = synthetic_state_dict(prefix=PREFIX) if tensors is None else tensors
+    official = {k[len(PREFIX):]: v for k, v in tensors.items()}
     official.pop("head.proj")                           # the unused CLIP head
     mapped = checkpoint_filter_fn(official, model)
     # timm's filter is written for training-form names; two fused names need a hand: the positional

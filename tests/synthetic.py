@@ -114,3 +114,70 @@ def write_official_tokenizer(folder):
                                           "single_word": False, "special": True}
                                  for t, i in QWEN2_SPECIALS.items()}}, indent=2))
     return folder
+
+
+# config.json of apple/FastVLM-0.5B as published (see the project's reference notes).
+OFFICIAL_CONFIG = {
+    "architectures": ["LlavaQwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "freeze_mm_mlp_adapter": False, "hidden_act": "silu", "hidden_size": 896,
+    "image_aspect_ratio": "pad", "image_grid_pinpoints": None, "initializer_range": 0.02,
+    "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 24,
+    "mm_hidden_size": 3072, "mm_patch_merge_type": "flat", "mm_projector_lr": None,
+    "mm_projector_type": "mlp2x_gelu", "mm_use_im_patch_token": False, "mm_use_im_start_end": False,
+    "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2, "mm_vision_tower": "mobileclip_l_1024",
+    "model_type": "llava_qwen2", "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True,
+    "tokenizer_model_max_length": 8192, "tokenizer_padding_side": "right", "torch_dtype": "bfloat16",
+    "transformers_version": "4.39.3", "tune_mm_mlp_adapter": False, "unfreeze_mm_vision_tower": True,
+    "use_cache": True, "use_mm_proj": True, "use_sliding_window": False, "vocab_size": 151936,
+}
+
+# A small Qwen2 with the real vocabulary, so the real tokenizer and every manifest key name apply.
+SMALL_LLM = dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_window_layers=2)
+
+
+def fastvlm_tensors(llm_fields=SMALL_LLM, vision_cfg=None):
+    """Official-layout tensors: full FastViTHD (or a small config), the projector, a Qwen2 of `llm_fields`."""
+    import qwen2
+    import repmixer
+
+    llm_cfg = qwen2.Qwen2Config.from_dict({**OFFICIAL_CONFIG, **llm_fields})
+    if vision_cfg is None:
+        tensors = synthetic_state_dict(prefix=repmixer.OFFICIAL_PREFIX)
+        out_channels = 3072
+    else:
+        names = repmixer.FastViTHD(vision_cfg, fused=True).state_dict()
+        tensors = {}
+        for name, value in names.items():
+            key = repmixer.OFFICIAL_PREFIX + repmixer.to_official_key(name, vision_cfg)
+            tensors[key] = synthetic_tensor(key, tuple(value.shape), "int64" if value.dtype == torch.int64 else "float")
+        out_channels = vision_cfg.out_channels
+    d = llm_cfg.hidden_size
+    for key, shape in [("model.mm_projector.0.weight", (d, out_channels)), ("model.mm_projector.0.bias", (d,)),
+                       ("model.mm_projector.2.weight", (d, d)), ("model.mm_projector.2.bias", (d,))]:
+        tensors[key] = synthetic_tensor(key, shape)
+    tensors.update(synthetic_llm_tensors(llm_cfg))
+    return tensors
+
+
+def write_fastvlm_checkpoint(folder, llm_fields=SMALL_LLM, vision_cfg=None, dtype=torch.bfloat16):
+    """A checkpoint folder in the official layout: config.json, model.safetensors (bf16, as Apple stores
+    it), and the slow-tokenizer files."""
+    import json
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = fastvlm_tensors(llm_fields, vision_cfg)
+    save_file({k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = {**OFFICIAL_CONFIG, **llm_fields}
+    if vision_cfg is not None:
+        config["fastvithd"] = asdict(vision_cfg)
+        config["mm_hidden_size"] = vision_cfg.out_channels
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    write_official_tokenizer(folder)
+    return folder

@@ -186,13 +186,13 @@ def test_from_pretrained_sharded_any_dtype(tmp_path, dtype, tied):
 def test_loader_names_the_bad_key():
     tensors = synthetic_llm_tensors(TINY)
     bad = dict(tensors, **{"model.layers.1.mlp.up_proj.weight": torch.zeros(3, 3)})
-    with pytest.raises(CheckpointError, match=r"layers\.1\.mlp\.up_proj\.weight.*\(3, 3\)"):
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight'.*\(3, 3\)"):
         Q.load_llm(TINY, bad)
     missing = dict(tensors)
     del missing["model.layers.0.self_attn.k_proj.bias"]
-    with pytest.raises(CheckpointError, match=r"missing tensor 'layers\.0\.self_attn\.k_proj\.bias'"):
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.0\.self_attn\.k_proj\.bias'"):
         Q.load_llm(TINY, missing)
-    with pytest.raises(CheckpointError, match=r"unexpected tensor 'layers\.2\.mlp\.up_proj\.weight'"):
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.layers\.2\.mlp\.up_proj\.weight'"):
         Q.load_llm(TINY, dict(tensors, **{"model.layers.2.mlp.up_proj.weight": torch.zeros(96, 64)}))
 
 
