@@ -1,19 +1,36 @@
-"""Benchmarks (random weights at the real shapes, no download). Timings live here, never in tests.
+"""Benchmarks: the paper's efficiency analysis re-measured on the machine at hand. Timings live here,
+never in tests. Random weights at the real shapes (tests/synthetic.py), no download.
 
-    python bench.py reparam            # FastViTHD training form vs fused form, 1024 px
-    python bench.py reparam --quick    # a tiny config, for the smoke test
+    python bench.py reparam     FastViTHD training form vs fused form (1024 px)
+    python bench.py encoder     FastViTHD vs ViT-L/14 at 256-1024 px: latency, FLOPs, tokens (+ plot)
+    python bench.py decoder     Qwen2-0.5B shapes: prefill 300 tokens and decode, vs transformers' Qwen2
+    python bench.py ttft        FastVLM-0.5B at 1024 px: TTFT broken down, decode, follow-up turn, vs
+                                transformers' FastVlmForConditionalGeneration when it (and timm) is installed
+    python bench.py probe       the machine's ceiling: fp32 matmul GFLOP/s and copy bandwidth
+    python bench.py threads     decode speed under OMP_WAIT_POLICY and thread-count settings
+    add --quick for tiny shapes and one run (the smoke test does this)
 
-Medians over several runs after one warm-up; the thread count and OpenMP settings are printed.
+Medians over --runs runs after one warm-up. Every table prints the torch version, thread count and
+OpenMP settings it ran under; plots go to --out (default results/).
 """
 
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
+import qwen2 as Q
 import repmixer as R
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "tests"))
 
 
 def median_seconds(fn, runs, warmup=1):
@@ -32,7 +49,352 @@ def settings_line():
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
 
 
+def flops_of(fn):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The machine's ceiling.
+# ----------------------------------------------------------------------------------------------------
+
 @torch.no_grad()
+def probe(args, quiet=False):
+    n = 512 if args.quick else 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = median_seconds(lambda: a @ b, 1 if args.quick else 5)
+    gflops = 2 * n ** 3 / t / 1e9
+    x = torch.randn((8 if args.quick else 64) * 2 ** 20)            # 32 MB .. 256 MB of fp32
+    y = torch.empty_like(x)
+    t = median_seconds(lambda: y.copy_(x), 1 if args.quick else 5)
+    gbps = 2 * x.numel() * 4 / t / 1e9                               # read + write
+    if not quiet:
+        print(f"machine probe -- {settings_line()}")
+        print(f"fp32 matmul {n}x{n}: {gflops:.1f} GFLOP/s; copy: {gbps:.1f} GB/s (read + write)")
+    return gflops, gbps
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Encoder scaling: FastViTHD vs a plain ViT-L/14.
+# ----------------------------------------------------------------------------------------------------
+
+class ViT(nn.Module):
+    """A CLIP-style ViT (ViT-L/14 by default): 14x14 patches, pre-norm blocks, one class token."""
+
+    def __init__(self, width=1024, depth=24, heads=16, patch=14, mlp=4096):
+        super().__init__()
+        self.patch, self.heads = patch, heads
+        self.embed = nn.Conv2d(3, width, patch, patch, bias=False)
+        self.cls = nn.Parameter(torch.zeros(1, 1, width))
+        self.pre = nn.LayerNorm(width)
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            ln1=nn.LayerNorm(width), qkv=nn.Linear(width, 3 * width), proj=nn.Linear(width, width),
+            ln2=nn.LayerNorm(width), fc1=nn.Linear(width, mlp), fc2=nn.Linear(mlp, width))) for _ in range(depth))
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)                     # (B, N, width)
+        x = self.pre(torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1))
+        B, N, C = x.shape                                                 # (no position table: same cost)
+        for blk in self.blocks:
+            q, k, v = blk.qkv(blk.ln1(x)).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+            x = x + blk.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+            x = x + blk.fc2(F.gelu(blk.fc1(blk.ln2(x))))
+        return x
+
+
+@torch.no_grad()
+def bench_encoder(args):
+    sides = [64, 128] if args.quick else [256, 512, 768, 1024]
+    if args.quick:
+        fast = R.FastViTHD(R.FastViTHDConfig(depths=(1,) * 5, widths=(8, 16, 32, 64, 128), head_dim=8), fused=True)
+        vit = ViT(width=64, depth=2, heads=2)
+    else:
+        fast, vit = R.FastViTHD(fused=True).reparameterize(), ViT()
+    fast.eval(), vit.eval()
+    rows = []
+    print(f"encoder scaling, batch 1, fp32 -- {settings_line()}")
+    print("| resolution | FastViTHD (s) | ViT-L/14 (s) | ViT / FastViTHD | FastViTHD GFLOPs | ViT-L/14 GFLOPs | tokens FastViTHD / ViT |")
+    print("|---|---|---|---|---|---|---|")
+    for side in sides:
+        x = torch.rand(1, 3, side, side)
+        runs = 1 if args.quick else args.runs
+        t_fast = median_seconds(lambda: fast(x), runs)
+        t_vit = median_seconds(lambda: vit(x), 1 if (args.quick or side >= 768) else runs)
+        f_fast, f_vit = flops_of(lambda: fast(x)), flops_of(lambda: vit(x))
+        tokens = ((side // 64) ** 2, (side // 14) ** 2)
+        rows.append((side, t_fast, t_vit, f_fast, f_vit, tokens))
+        print(f"| {side} | {t_fast:.2f} | {t_vit:.2f} | {t_vit / t_fast:.1f}x | {f_fast / 1e9:.1f} | "
+              f"{f_vit / 1e9:.1f} | {tokens[0]} / {tokens[1]} |", flush=True)
+    plot_encoder(rows, Path(args.out) / "encoder_scaling.png")
+    return rows
+
+
+def plot_encoder(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sides = [r[0] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    axes[0].plot(sides, [r[2] for r in rows], "o-", label="ViT-L/14")
+    axes[0].plot(sides, [r[1] for r in rows], "o-", label="FastViTHD")
+    axes[0].set_ylabel("latency (s), CPU fp32")
+    axes[0].set_yscale("log")
+    axes[1].plot(sides, [r[5][1] for r in rows], "o-", label="ViT-L/14")
+    axes[1].plot(sides, [r[5][0] for r in rows], "o-", label="FastViTHD")
+    axes[1].set_ylabel("visual tokens")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("input resolution (px)")
+        ax.set_xticks(sides)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"plot: {path}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. The decoder alone: ours vs transformers' Qwen2 on the same weights.
+# ----------------------------------------------------------------------------------------------------
+
+def llm_config(quick):
+    if quick:
+        return Q.Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2)
+    return Q.QWEN2_0_5B
+
+
+@torch.no_grad()
+def bench_decoder(args):
+    from synthetic import synthetic_llm_tensors
+
+    cfg = llm_config(args.quick)
+    tensors = synthetic_llm_tensors(cfg)
+    ours = Q.load_llm(cfg, tensors)
+    prompt_len, new = (20, 8) if args.quick else (300, 32)
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    ref = hf_qwen2(cfg, tensors)
+    runs = 1 if args.quick else args.runs
+
+    def our_prefill():
+        ours.setup_cache(prompt_len + new)
+        return ours(ids, start=0, last_only=True)
+
+    def our_generate():
+        ours.setup_cache(prompt_len + new)
+        return Q.generate(ours, ids, max_new_tokens=new)
+
+    rows = {}
+    for name, prefill, gen in [
+        ("ours", our_prefill, our_generate),
+        ("transformers", (lambda: ref(ids, logits_to_keep=1)) if ref else None,
+         (lambda: ref.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0))
+         if ref else None)]:
+        if prefill is None:
+            continue
+        t_prefill = median_seconds(prefill, runs)
+        t_gen = median_seconds(gen, runs)
+        rows[name] = (t_prefill, (new - 1) / max(t_gen - t_prefill, 1e-9))
+    _, gbps = probe(args, quiet=True)
+    bytes_per_token = sum(p.numel() for p in ours.parameters()) * 4          # every weight read once
+    print(f"Qwen2 {'tiny' if args.quick else '0.5B'} shapes, fp32, prefill {prompt_len} tokens, "
+          f"decode {new} -- {settings_line()}")
+    print("| implementation | prefill (s) | decode tokens/s | decode bandwidth (GB/s) |\n|---|---|---|---|")
+    for name, (tp, tps) in rows.items():
+        print(f"| {name} | {tp:.3f} | {tps:.1f} | {tps * bytes_per_token / 1e9:.1f} |")
+    if "transformers" in rows:
+        (a, b), (c, d) = rows["ours"], rows["transformers"]
+        print(f"ratios: prefill time ours/transformers {a / c:.2f}x, decode speed ours/transformers {b / d:.2f}x; "
+              f"copy probe {gbps:.1f} GB/s")
+    return rows
+
+
+def hf_qwen2(cfg, tensors):
+    try:
+        import transformers
+    except ImportError:
+        print("(transformers not installed: no reference)")
+        return None
+    hc = transformers.Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                                  intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                                  num_attention_heads=cfg.num_attention_heads,
+                                  num_key_value_heads=cfg.num_key_value_heads, rope_theta=cfg.rope_theta,
+                                  rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = transformers.Qwen2ForCausalLM(hc)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = type(model.model.rotary_emb)(hc)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The whole model: TTFT broken down, decode, and a follow-up turn.
+# ----------------------------------------------------------------------------------------------------
+
+QUESTION = "Describe the image in detail."
+FOLLOW_UP = "What colour is the largest object?"
+
+
+@torch.no_grad()
+def bench_ttft(args):
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    import fastvlm as FV
+    from synthetic import SMALL_LLM, write_fastvlm_checkpoint
+
+    folder = Path(tempfile.mkdtemp())
+    if args.quick:
+        vision = R.FastViTHDConfig(depths=(1,) * 5, widths=(8, 16, 32, 64, 128), head_dim=8, image_size=128)
+        write_fastvlm_checkpoint(folder, SMALL_LLM, vision, dtype=torch.float32)
+    else:
+        fields = {k: getattr(Q.QWEN2_0_5B, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                  "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}
+        write_fastvlm_checkpoint(folder, fields, dtype=torch.float32)
+    model, tokenizer, config = FV.FastVLM.from_pretrained(folder)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    new = 4 if args.quick else 16
+    runs = 1 if args.quick else args.runs
+
+    def ours_first_turn():
+        chat = FV.Chat(model, tokenizer, image, config)
+        chat.ask(QUESTION, max_new_tokens=new)
+        return chat
+
+    timings = []
+    for _ in range(runs + 1):
+        chat = ours_first_turn()
+        first = chat.timing
+        chat.ask(FOLLOW_UP, max_new_tokens=new)
+        timings.append((first, chat.timing))
+    timings = timings[1:]                                   # the first was the warm-up
+    med = lambda f: statistics.median(f(t) for t in timings)  # noqa: E731
+    ours = {"preprocess": med(lambda t: t[0].preprocess), "encoder": med(lambda t: t[0].encoder),
+            "projector": med(lambda t: t[0].projector), "prefill": med(lambda t: t[0].prefill),
+            "ttft": med(lambda t: t[0].ttft), "tokens": timings[0][0].prompt_tokens,
+            "decode": med(lambda t: (t[0].new_tokens - 1) / t[0].decode if t[0].decode else 0.0),
+            "follow_up": med(lambda t: t[1].ttft)}
+    gflops, gbps = probe(args, quiet=True)
+    pixels = FV.preprocess(image, model.image_size)[None]
+    ids = FV.tokenize_with_image(tokenizer, FV.first_turn(QUESTION))
+    enc_flops = flops_of(lambda: model.vision_tower(pixels))
+    prefill_flops = flops_of(lambda: model.llm(embeds=model.embed(ids, model.encode_image(pixels)), last_only=True))
+    print(f"FastVLM {'tiny' if args.quick else '0.5B'} at {model.image_size} px, fp32, "
+          f"{ours['tokens']} prompt tokens -- {settings_line()}")
+    print("| phase | ours (ms) | machine use |\n|---|---|---|")
+    print(f"| preprocess | {ours['preprocess'] * 1e3:.0f} | |")
+    print(f"| vision encoder | {ours['encoder'] * 1e3:.0f} | {enc_flops / ours['encoder'] / 1e9 / gflops:.0%} of the matmul probe |")
+    print(f"| projector | {ours['projector'] * 1e3:.1f} | |")
+    print(f"| LLM prefill | {ours['prefill'] * 1e3:.0f} | {prefill_flops / ours['prefill'] / 1e9 / gflops:.0%} of the matmul probe |")
+    print(f"| **TTFT** | **{ours['ttft'] * 1e3:.0f}** | |")
+    print(f"| follow-up turn TTFT | {ours['follow_up'] * 1e3:.0f} | |")
+    bytes_per_token = sum(p.numel() for p in model.llm.parameters()) * 4
+    print(f"decode: {ours['decode']:.1f} tokens/s = {ours['decode'] * bytes_per_token / 1e9:.1f} GB/s of weights "
+          f"(copy probe {gbps:.1f} GB/s); matmul probe {gflops:.1f} GFLOP/s")
+    ref = hf_fastvlm_ttft(folder, image, new, runs, args.quick)
+    if ref:
+        print("| phase | transformers (ms) | ours / transformers |\n|---|---|---|")
+        for key in ("encoder", "prefill", "ttft", "follow_up"):
+            print(f"| {key} | {ref[key] * 1e3:.0f} | {ours[key] / ref[key]:.2f}x |")
+        print(f"| decode tokens/s | {ref['decode']:.1f} | {ours['decode'] / ref['decode']:.2f}x |")
+    return ours, ref
+
+
+def hf_fastvlm_ttft(folder, image, new, runs, quick):
+    """transformers' FastVlmForConditionalGeneration on the same weights (needs timm), same prompt."""
+    try:
+        import timm  # noqa: F401
+        import transformers
+        from transformers import FastVlmConfig, FastVlmForConditionalGeneration
+    except ImportError as e:
+        print(f"(no transformers FastVLM reference here: {e}; run this in an environment with timm)")
+        return None
+    if quick:
+        print("(--quick: the transformers reference needs the released vision tower; skipped)")
+        return None
+    import fastvlm as FV
+    from checkpoint import read_safetensors
+    from make_encoder_fixtures import timm_encoder
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tensors = read_safetensors(folder)
+    text = transformers.Qwen2Config(**{k: getattr(Q.QWEN2_0_5B, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "rope_theta", "rms_norm_eps", "max_position_embeddings")}, tie_word_embeddings=True)
+    config = FastVlmConfig(text_config=text, image_token_index=151646, image_seq_length=256)
+    model = FastVlmForConditionalGeneration(config).eval()
+    timm_model = timm_encoder({k: v for k, v in tensors.items() if k.startswith(R.OFFICIAL_PREFIX)})
+    model.model.vision_tower.timm_model.load_state_dict(timm_model.state_dict(), strict=False)
+    model.model.multi_modal_projector.linear_1.load_state_dict(
+        {"weight": tensors["model.mm_projector.0.weight"], "bias": tensors["model.mm_projector.0.bias"]})
+    model.model.multi_modal_projector.linear_2.load_state_dict(
+        {"weight": tensors["model.mm_projector.2.weight"], "bias": tensors["model.mm_projector.2.bias"]})
+    model.model.language_model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items()
+                                                if k.startswith("model.") and "vision_tower" not in k
+                                                and "mm_projector" not in k})
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    processor = CLIPImageProcessorPil(crop_size={"height": 1024, "width": 1024}, image_mean=[0.0] * 3,
+                                      image_std=[1.0] * 3, size={"shortest_edge": 1024})
+    tokenizer = Q.Tokenizer(folder)
+
+    def prompt_ids(text):
+        ids = FV.tokenize_with_image(tokenizer, text)
+        at = ids.index(FV.IMAGE_TOKEN_INDEX)
+        return torch.tensor([ids[:at] + [151646] * 256 + ids[at + 1:]])
+
+    def run(text, tokens):
+        t = time.perf_counter()
+        pixels = processor(FV.expand_to_square(image), return_tensors="pt")["pixel_values"]
+        out = model.generate(prompt_ids(text), pixel_values=pixels, max_new_tokens=tokens, min_new_tokens=tokens,
+                             do_sample=False, pad_token_id=151643)
+        return time.perf_counter() - t, out
+
+    ttft = median_seconds(lambda: run(FV.first_turn(QUESTION), 1), runs)
+    total = median_seconds(lambda: run(FV.first_turn(QUESTION), new), runs, warmup=0)
+    _, out = run(FV.first_turn(QUESTION), new)
+    answer = tokenizer.decode(out[0, -new:].tolist(), skip_special_tokens=False)
+    follow_text = FV.first_turn(QUESTION) + answer + FV.next_turn(FOLLOW_UP)   # the whole chat again
+    follow = median_seconds(lambda: run(follow_text, 1), runs)
+    pixels = processor(FV.expand_to_square(image), return_tensors="pt")["pixel_values"]
+    enc = median_seconds(lambda: model.model.get_image_features(pixel_values=pixels), runs)
+    embeds = model.model.get_input_embeddings()(prompt_ids(FV.first_turn(QUESTION)))
+    prefill = median_seconds(lambda: model.model.language_model(inputs_embeds=embeds), runs)
+    return {"encoder": enc, "prefill": prefill, "ttft": ttft, "follow_up": follow,
+            "decode": (new - 1) / max(total - ttft, 1e-9)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Threads and OpenMP's wait policy.
+# ----------------------------------------------------------------------------------------------------
+
+def bench_threads(args):
+    """Decode speed of the 0.5B decoder in fresh processes under each setting (they must be set
+    before torch starts)."""
+    print("decode tokens/s of the Qwen2-0.5B decoder (fresh process per setting)")
+    print("| threads | OMP_WAIT_POLICY | tokens/s |\n|---|---|---|")
+    for threads in (1, 2):
+        for policy in ("(unset)", "PASSIVE"):
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            env.pop("OMP_WAIT_POLICY", None)
+            if policy != "(unset)":
+                env["OMP_WAIT_POLICY"] = policy
+            cmd = [sys.executable, str(ROOT / "bench.py"), "decoder", "--runs", "1"] + (["--quick"] if args.quick else [])
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200).stdout
+            line = next((l for l in out.splitlines() if l.startswith("| ours")), "| ours | ? | ? |")
+            print(f"| {threads} | {policy} | {line.split('|')[3].strip()} |", flush=True)
+
+
 def bench_reparam(args):
     """The reparameterization claim: the fused encoder computes the same function, faster."""
     cfg = R.FASTVITHD if not args.quick else R.FastViTHDConfig(
@@ -42,25 +404,32 @@ def bench_reparam(args):
     model = R.FastViTHD(cfg).eval()
     x = torch.rand(1, 3, side, side)
     runs = 1 if args.quick else args.runs
-    t_train = median_seconds(lambda: model(x), runs)
-    reference = model(x)
-    model.reparameterize()
-    t_fused = median_seconds(lambda: model(x), runs)
-    err = ((model(x) - reference).abs().max() / reference.abs().max()).item()
+    with torch.no_grad():
+        t_train = median_seconds(lambda: model(x), runs)
+        reference = model(x)
+        model.reparameterize()
+        t_fused = median_seconds(lambda: model(x), runs)
+        err = ((model(x) - reference).abs().max() / reference.abs().max()).item()
     print(f"FastViTHD at {side}px, batch 1, fp32 -- {settings_line()}")
     print(f"| form | latency (s) |\n|---|---|\n| training (branches) | {t_train:.2f} |\n| fused | {t_fused:.2f} |")
     print(f"speed-up {t_train / t_fused:.2f}x, max relative difference {err:.1e}")
     return t_train, t_fused
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["reparam"], help="which benchmark")
-    p.add_argument("--quick", action="store_true", help="tiny config, one run: checks the script runs")
+    p.add_argument("what", choices=["reparam", "encoder", "decoder", "ttft", "probe", "threads", "all"])
+    p.add_argument("--quick", action="store_true", help="tiny shapes, one run: checks the script runs")
     p.add_argument("--runs", type=int, default=3)
-    args = p.parse_args()
-    {"reparam": bench_reparam}[args.what](args)
+    p.add_argument("--out", default=str(ROOT / "results"))
+    args = p.parse_args(argv)
+    jobs = {"probe": probe, "reparam": bench_reparam, "encoder": bench_encoder, "decoder": bench_decoder,
+            "ttft": bench_ttft, "threads": bench_threads}
+    for name in (jobs if args.what == "all" else [args.what]):
+        jobs[name](args)
+        print()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -136,7 +136,7 @@ class FastVLM(nn.Module):
 
     def encode_image(self, pixels):
         """(B, 3, S, S) -> (B, (S/64)^2, d): visual tokens in the LLM's embedding space."""
-        return self.mm_projector(repmixer.to_tokens(self.vision_tower(pixels)))
+        return self.mm_projector(repmixer.to_tokens(self.vision_tower(channels_last(pixels))))
 
     def embed(self, ids, image_embeds=None):
         """(T,) ids with IMAGE_TOKEN_INDEX placeholders -> (1, T', d) embeddings with the image spliced in."""
@@ -151,9 +151,32 @@ class FastVLM(nn.Module):
         pieces.append(self.llm.embed_tokens(ids[begin:]))
         return torch.cat(pieces, dim=0)[None]
 
+    def forward(self, pixels, ids, labels=None):
+        """Training forward over a batch with one image per sequence.
+
+        pixels (B, 3, S, S); ids (B, T) with one IMAGE_TOKEN_INDEX each (right-padded); labels (B, T)
+        with -100 where no loss applies. Returns logits (B, T + N - 1, vocab) and the labels spread to
+        the same length (-100 on the N image positions), where N = image tokens per image.
+        """
+        image_embeds = self.encode_image(pixels)                          # (B, N, d)
+        embeds, spread = [], []
+        for b in range(ids.shape[0]):
+            at = int((ids[b] == IMAGE_TOKEN_INDEX).nonzero()[0])
+            e = self.llm.embed_tokens(ids[b].clamp(min=0))                # placeholder embedded, then cut
+            embeds.append(torch.cat([e[:at], image_embeds[b], e[at + 1:]]))
+            if labels is not None:
+                hole = labels.new_full((image_embeds.shape[1],), -100)
+                spread.append(torch.cat([labels[b, :at], hole, labels[b, at + 1:]]))
+        logits = self.llm(embeds=torch.stack(embeds))
+        return logits, (torch.stack(spread) if labels is not None else None)
+
     @classmethod
-    def from_pretrained(cls, folder, device="cpu", dtype=torch.float32):
-        """(model, tokenizer, config dict) from a FastVLM folder; see the module docstring."""
+    def from_pretrained(cls, folder, device="cpu", dtype=torch.float32, fold_batchnorm=True):
+        """(model, tokenizer, config dict) from a FastVLM folder; see the module docstring.
+
+        The vision tower arrives in the official stored form (branches fused, ConvFFN BatchNorm kept);
+        for inference the BatchNorm is folded too, train.py keeps it (`fold_batchnorm=False`).
+        """
         folder = Path(folder)
         if not folder.is_dir():
             raise CheckpointError(f"model folder not found: {folder}")
@@ -172,11 +195,17 @@ class FastVLM(nn.Module):
             model = cls(vision_cfg, llm_cfg)
         model.vision_tower = model.vision_tower.to_empty(device="cpu").to(dtype)
         repmixer.load_official(model.vision_tower, vision)
-        model.vision_tower.reparameterize()                # fold the ConvFFN BatchNorms for inference
+        if fold_batchnorm:                                 # fold the ConvFFN BatchNorms, channels-last
+            model.vision_tower.optimize_for_inference()
         model.mm_projector = model.mm_projector.to_empty(device="cpu").to(dtype)
         load_exact(model.mm_projector, projector, where="projector")
         model.llm = qwen2.load_llm(llm_cfg, llm, dtype=dtype)
         return model.to(device).eval(), tokenizer, config
+
+
+def channels_last(pixels):
+    """Images in the memory layout of the inference encoder (see FastViTHD.optimize_for_inference)."""
+    return pixels.contiguous(memory_format=torch.channels_last)
 
 
 def vision_config(config):
@@ -249,7 +278,7 @@ class Chat:
             synchronize(device)
             t.preprocess = time.perf_counter() - start
             start = time.perf_counter()
-            features = repmixer.to_tokens(model.vision_tower(pixels))
+            features = repmixer.to_tokens(model.vision_tower(channels_last(pixels)))
             synchronize(device)
             t.encoder = time.perf_counter() - start
             start = time.perf_counter()

@@ -220,6 +220,20 @@ class Qwen2(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    @torch.no_grad()
+    def init_weights(self, std=0.02):
+        """Fresh weights as Qwen2 is initialised (`initializer_range`): N(0, std) matrices and
+        embeddings, zero biases, unit norm gains. PyTorch's defaults (N(0, 1) embeddings) would start a
+        tied model with huge logits."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        return self
+
     @property
     def device(self):
         return self.embed_tokens.weight.device
@@ -376,15 +390,50 @@ QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| 
 SPECIAL_TOKENS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
 
 
+def qwen2_pipeline(tok):
+    """Qwen2's text handling around a BPE model: NFC, its split pattern, byte-level mapping and decoding."""
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train_tokenizer(texts, vocab_size):
+    """A small byte-level BPE with Qwen2's pipeline and special tokens (ids 0, 1, 2), for tiny models.
+
+    Qwen2's pattern already splits numbers into single digits, so counts stay one token per digit.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tok = qwen2_pipeline(HFTokenizer(models.BPE()))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return Tokenizer(tok)
+
+
 class Tokenizer:
     """Qwen2's byte-level BPE, from `tokenizer.json` or from `vocab.json` + `merges.txt`."""
 
-    def __init__(self, folder):
-        from tokenizers import AddedToken, Regex
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, normalizers, pre_tokenizers
+    FILES = ("tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json",
+             "tokenizer_config.json")
 
-        folder = Path(folder)
+    def __init__(self, folder):
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import models
+
+        self.folder = None
+        if isinstance(folder, HFTokenizer):                # an in-memory tokenizer (train_tokenizer)
+            self.tok = folder
+            return
+        folder = self.folder = Path(folder)
         if (folder / "tokenizer.json").is_file():
             self.tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
         elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
@@ -394,13 +443,8 @@ class Tokenizer:
                 line = line.rstrip("\r")               # some copies ship CRLF line endings
                 if line and not line.startswith("#version"):
                     merges.append(tuple(line.split(" ")))
-            tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-            tok.normalizer = normalizers.NFC()
-            tok.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ])
-            tok.decoder = decoders.ByteLevel()
+            tok = qwen2_pipeline(HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
+                                                         byte_fallback=False)))
             specials = dict(SPECIAL_TOKENS)
             added = folder / "added_tokens.json"
             if added.is_file():
@@ -426,3 +470,13 @@ class Tokenizer:
 
     def token_id(self, text):
         return self.tok.token_to_id(text)
+
+    def save(self, folder):
+        """Write the tokenizer into a model folder: the source folder's files as they were, or tokenizer.json."""
+        import shutil
+
+        folder = Path(folder)
+        copied = [shutil.copy(self.folder / f, folder / f) for f in self.FILES
+                  if self.folder is not None and (self.folder / f).is_file()]
+        if not copied:
+            self.tok.save(str(folder / "tokenizer.json"))

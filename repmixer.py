@@ -401,7 +401,8 @@ class MHSA(nn.Module):
 
     def forward(self, x):                                       # (B, C, H, W)
         B, C, H, W = x.shape
-        tokens = x.flatten(2).transpose(1, 2)                   # (B, N, C), N = H*W, row-major
+        # (B, H, W, C) -> (B, N, C), N = H*W row-major. A view, no copy, when x is channels-last.
+        tokens = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
         qkv = self.qkv(tokens).reshape(B, H * W, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)                    # each (B, heads, N, head_dim)
         if self.use_sdpa:
@@ -410,7 +411,7 @@ class MHSA(nn.Module):
             attn = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)   # (B, heads, N, N)
             out = attn.softmax(-1) @ v
         out = self.proj(out.transpose(1, 2).reshape(B, H * W, C))      # (B, N, C)
-        return out.transpose(1, 2).reshape(B, C, H, W)
+        return out.reshape(B, H, W, C).permute(0, 3, 1, 2)             # (B, C, H, W), channels-last strides
 
 
 class AttentionBlock(nn.Module):
@@ -486,6 +487,18 @@ class FastViTHD(nn.Module):
         reparameterize(self)
         return self
 
+    def optimize_for_inference(self):
+        """Fuse everything, then store the weights channels-last.
+
+        Why channels-last: most of FastViTHD's time goes to 1x1 convs over large maps (the ConvFFN
+        expansions), which oneDNN runs as matrix products over (pixels x channels); with the channels
+        of each pixel contiguous no layout conversion is needed around every conv, and the attention
+        stages' flattening into tokens is a free view. Feed images with `images.contiguous(
+        memory_format=torch.channels_last)` (FastVLM.encode_image does).
+        """
+        self.reparameterize().eval()
+        return self.to(memory_format=torch.channels_last)
+
     @property
     def is_fused(self):
         return all(m.is_fused for m in self.modules() if isinstance(m, Reparameterizable))
@@ -501,7 +514,8 @@ def reparameterize(module):
 
 def to_tokens(features):
     """(B, C, h, w) feature map -> (B, h*w, C) tokens, row-major, as the projector expects."""
-    return features.flatten(2).transpose(1, 2)
+    B, C, h, w = features.shape
+    return features.permute(0, 2, 3, 1).reshape(B, h * w, C)
 
 
 # ----------------------------------------------------------------------------------------------------

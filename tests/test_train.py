@@ -1,0 +1,239 @@
+"""train.py: freezing per stage, label masking, learning, DDP = one process, exact resume, bad data."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastvlm as FV
+import shapes_data
+import train as T
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shapes")
+    shapes_data.generate(folder, n_train=48, n_heldout=4, seed=3)
+    return folder
+
+
+def run_train(data, out, *extra):
+    args = ["--data", str(data / "train.json"), "--images", str(data / "images"), "--out", str(out),
+            "--batch-size", "2", "--no-progress", "--threads", "1", *[str(e) for e in extra]]
+    return T.main(args)
+
+
+def state(folder):
+    return torch.load(Path(folder) / T.STATE, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def base_run(data, tmp_path_factory):
+    """One stage-2 step from scratch: a training-form model with its state, the start of the other tests."""
+    out = tmp_path_factory.mktemp("runs") / "base"
+    assert run_train(data, out, "--stage", "2", "--init", "scratch", "--steps", "1", "--lr", "1e-3") == 0
+    return out
+
+
+@pytest.mark.parametrize("stage,learns", [("1", {"mm_projector"}), ("1.5", {"vision_tower", "mm_projector"}),
+                                          ("2", {"vision_tower", "mm_projector", "llm"})])
+def test_each_stage_changes_exactly_its_parameters(data, base_run, tmp_path, stage, learns):
+    out = tmp_path / "run"
+    assert run_train(data, out, "--stage", stage, "--init", base_run, "--steps", "2", "--lr", "1e-2") == 0
+    before, after = state(base_run)["model"], state(out)["model"]
+    assert before.keys() == after.keys()
+    for name in before:
+        part = name.split(".")[0]
+        is_param = not name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+        if part in learns and is_param and "layer_scale" not in name:
+            continue   # (a trainable tensor may legitimately not move on two steps; checked in bulk below)
+        if part not in learns:
+            assert torch.equal(before[name], after[name]), f"stage {stage} changed frozen {name}"
+    for part in learns:
+        moved = [n for n in before if n.startswith(part + ".") and not torch.equal(before[n], after[n])]
+        total = [n for n in before if n.startswith(part + ".")]
+        assert len(moved) > 0.8 * len(total), f"stage {stage}: only {len(moved)}/{len(total)} of {part} changed"
+
+
+def test_labels_cover_only_the_answers_and_their_end_marker(base_run):
+    _, tokenizer = T.model_from_state(state(base_run), base_run)
+    turns = [{"from": "human", "value": "<image>\nHow many shapes are there?"}, {"from": "gpt", "value": "2"},
+             {"from": "human", "value": "Describe the image."}, {"from": "gpt", "value": "a red circle and a blue square"}]
+    ids, labels = T.tokenize_conversation(tokenizer, turns)
+    learnt = [i for i, l in zip(ids, labels) if l != -100]
+    assert tokenizer.decode(learnt, skip_special_tokens=False) == "2<|im_end|>a red circle and a blue square<|im_end|>"
+    assert all(l == -100 for i, l in zip(ids, labels) if i == FV.IMAGE_TOKEN_INDEX)
+    full = tokenizer.decode([i for i in ids if i >= 0], skip_special_tokens=False)
+    assert full.startswith(FV.SYSTEM + FV.USER + "\nHow many")      # the image marker was cut out of the text
+    # through the model, the image positions are masked too
+    model, _ = T.model_from_state(state(base_run), base_run)
+    pixels = torch.rand(1, 3, 256, 256)
+    logits, spread = model(pixels, torch.tensor([ids]), torch.tensor([labels]))
+    at = ids.index(FV.IMAGE_TOKEN_INDEX)
+    assert logits.shape[1] == spread.shape[1] == len(ids) - 1 + 16
+    assert (spread[0, at:at + 16] == -100).all()
+    assert (spread[0] != -100).sum() == len(learnt)
+
+
+def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(data):
+    records = T.load_records(data / "train.json", data / "images")
+    torch.manual_seed(0)
+    model, tokenizer = T.build_scratch(records)
+    dataset = T.Dataset(records, data / "images", tokenizer, 256, 2048)
+    batch = T.collate([dataset[i] for i in range(4)], 0)
+    T.set_trainable(model, "2", bn_train=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(8):
+        losses.append(T.step_loss(model, [batch], "token", world=1))
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_resume_continues_exactly(data, base_run, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["--stage", "2", "--init", base_run, "--steps", "4", "--lr", "1e-3"]
+    assert run_train(data, straight, *common) == 0
+    assert run_train(data, resumed, *common, "--stop-after", "2") == 0
+    assert state(resumed)["step"] == 2
+    assert run_train(data, resumed, "--stage", "2", "--steps", "4", "--lr", "1e-3", "--resume") == 0
+    a, b = state(straight), state(resumed)
+    assert a["step"] == b["step"] == 4
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    logged = [json.loads(l)["global_step"] for l in (resumed / "log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5]          # the base run's step, then this run's four, once each
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_equal_one_process(data, base_run, tmp_path):
+    """Two gloo processes x batch 2 end exactly where one process x batch 4 ends."""
+    common = ["--stage", "2", "--init", str(base_run), "--steps", "3", "--lr", "1e-3", "--bn", "eval",
+              "--data", str(data / "train.json"), "--images", str(data / "images"), "--no-progress", "--threads", "1"]
+    single = tmp_path / "single"
+    assert T.main(common + ["--out", str(single), "--batch-size", "4"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "train.py"),
+                           *common, "--out", str(tmp_path / "ddp"), "--batch-size", "2"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b, start = state(single)["model"], state(tmp_path / "ddp")["model"], state(base_run)["model"]
+    moved = 0
+    for name in a:
+        step = (a[name].float() - start[name].float()).abs().max()
+        # Adam's updates are about lr per step; float reduction order perturbs them by ~1e-6
+        assert (a[name].float() - b[name].float()).abs().max() <= 1e-2 * step + 1e-7, name
+        moved += bool(step > 0)
+    assert moved > 50
+    # Adam hides a uniformly wrong gradient scale, the logged loss and gradient norm do not
+    logs = [[json.loads(l) for l in (f / "log.jsonl").read_text().splitlines()] for f in (single, tmp_path / "ddp")]
+    for x, y in zip(*logs):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+
+
+def test_checkpoint_loads_and_answers_through_infer(base_run, data):
+    model, tokenizer, config = FV.FastVLM.from_pretrained(base_run)
+    assert model.vision_tower.is_fused and config["fastvithd"]["image_size"] == 256
+    proc = subprocess.run([sys.executable, str(ROOT / "infer.py"), str(data / "images" / "heldout_000000.png"),
+                           "How many shapes are there?", "--model", str(base_run), "--max-new-tokens", "3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    # the exported (fused) model computes what the training-form model computed
+    trained, tok = T.model_from_state(state(base_run), base_run)
+    trained.eval()
+    image = FV.load_image(data / "images" / "heldout_000000.png")
+    a = FV.Chat(model, tokenizer, image).ask("How many shapes are there?", max_new_tokens=5)
+    b = FV.Chat(trained, tok, image).ask("How many shapes are there?", max_new_tokens=5)
+    assert a == b
+
+
+# --- bad input -------------------------------------------------------------------------------------------
+
+def one_line_error(capsys, code):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
+    return err[0]
+
+
+def write_data(tmp_path, records):
+    (tmp_path / "d.json").write_text(json.dumps(records) if not isinstance(records, str) else records)
+    return tmp_path / "d.json"
+
+
+def good_record(data):
+    return json.loads((data / "train.json").read_text())[0]
+
+
+def test_bad_data_is_named(capsys, data, tmp_path):
+    def run(path, *extra):
+        return T.main(["--stage", "2", "--init", "scratch", "--data", str(path), "--images", str(data / "images"),
+                       "--out", str(tmp_path / "o"), "--no-progress", *extra])
+
+    assert "data file not found" in one_line_error(capsys, run(tmp_path / "none.json"))
+    assert "not valid JSON" in one_line_error(capsys, run(write_data(tmp_path, "[{oops")))
+    rec = good_record(data)
+    bad = [rec, {**rec, "id": "x7", "image": "missing.png"}]
+    msg = one_line_error(capsys, run(write_data(tmp_path, bad)))
+    assert "record 1 (id 'x7')" in msg and "missing.png" in msg
+    no_answer = [rec, {**rec, "id": "q", "conversations": [{"from": "human", "value": "<image>\nhi"}]}]
+    assert "no assistant" in one_line_error(capsys, run(write_data(tmp_path, no_answer)))
+    assert "needs 'image'" in one_line_error(capsys, run(write_data(tmp_path, [{"id": 1}])))
+
+
+def test_unreadable_image_names_the_record(capsys, data, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    rec = good_record(data)
+    (images / rec["image"]).write_bytes(b"not a png")
+    code = T.main(["--stage", "2", "--init", "scratch", "--data", str(write_data(tmp_path, [rec] * 4)),
+                   "--images", str(images), "--out", str(tmp_path / "o"), "--batch-size", "2", "--no-progress"])
+    msg = one_line_error(capsys, code)
+    assert "record 0" in msg and "not a readable image" in msg
+    assert not (tmp_path / "o").exists()        # nothing written
+
+
+def test_resume_without_state_and_mismatched_init(capsys, data, tmp_path, base_run):
+    code = run_train(data, tmp_path / "fresh", "--stage", "2", "--resume")
+    assert "--resume" in one_line_error(capsys, code)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in base_run.iterdir():
+        if f.name != T.STATE:
+            (broken / f.name).write_bytes(f.read_bytes())
+    config = json.loads((broken / "config.json").read_text())
+    config["hidden_size"] = 256
+    (broken / "config.json").write_text(json.dumps(config))
+    msg = one_line_error(capsys, run_train(data, tmp_path / "o2", "--stage", "2", "--init", broken, "--steps", "1"))
+    assert "config.json and the weights disagree" in msg
+
+
+def test_long_samples_are_truncated_and_counted(capsys, data, tmp_path):
+    assert run_train(data, tmp_path / "o", "--stage", "2", "--init", "scratch", "--steps", "1",
+                     "--max-length", "40") == 0
+    assert "were truncated" in capsys.readouterr().err
+
+
+# --- the shipped model ------------------------------------------------------------------------------------
+
+def test_shipped_tiny_model_reads_the_image():
+    model, tokenizer, _ = FV.FastVLM.from_pretrained(ROOT / "models" / "fastvlm-tiny")
+    torch.set_grad_enabled(False)
+    seen, per_type, _ = shapes_data.evaluate(model, tokenizer, samples=200, seed=2024, progress=False)
+    blind, _, _ = shapes_data.evaluate(model, tokenizer, samples=200, seed=2024, blind=True, progress=False)
+    assert seen >= 0.90, per_type
+    assert blind <= 0.45, "without the image the model should be near chance"
