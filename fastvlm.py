@@ -15,9 +15,8 @@ prefill: everything before the first decode step. `Chat` records each part.
 or one written by train.py, with every tensor consumed and every parameter filled.
 """
 
-import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

@@ -183,7 +183,7 @@ def main(argv=None):
         return 2
     seen, per_seen, counts = evaluate(model, tokenizer, args.samples, args.seed)
     blind, per_blind, _ = evaluate(model, tokenizer, args.samples, args.seed, blind=True)
-    print(f"| question type | samples | accuracy | blind (blank image) |\n|---|---|---|---|")
+    print("| question type | samples | accuracy | blind (blank image) |\n|---|---|---|---|")
     for t in per_seen:
         print(f"| {t} | {counts[t]} | {per_seen[t]:.1%} | {per_blind[t]:.1%} |")
     print(f"| **overall** | {sum(counts.values())} | **{seen:.1%}** | {blind:.1%} |")

@@ -82,6 +82,7 @@ def test_labels_cover_only_the_answers_and_their_end_marker(base_run):
     assert (spread[0] != -100).sum() == len(learnt)
 
 
+@torch.enable_grad()     # other test modules switch autograd off for their inference-only checks
 def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(data):
     records = T.load_records(data / "train.json", data / "images")
     torch.manual_seed(0)
@@ -237,3 +238,26 @@ def test_shipped_tiny_model_reads_the_image():
     blind, _, _ = shapes_data.evaluate(model, tokenizer, samples=200, seed=2024, blind=True, progress=False)
     assert seen >= 0.90, per_type
     assert blind <= 0.45, "without the image the model should be near chance"
+
+
+def test_init_from_hf_qwen2_plus_fastvlm_vision_tower(data, tmp_path):
+    """--init-llm (an HF Qwen2 folder) + --init-vision (a FastVLM folder): a new projector joins them."""
+    import qwen2 as Q
+    from synthetic import SMALL_LLM, synthetic_llm_tensors, write_fastvlm_checkpoint, write_official_tokenizer
+    from safetensors.torch import save_file
+
+    vision = write_fastvlm_checkpoint(tmp_path / "vlm", vision_cfg=T.TINY_VISION)
+    llm_dir = write_official_tokenizer(tmp_path / "qwen2")
+    cfg = Q.Qwen2Config.from_dict(SMALL_LLM)
+    save_file(synthetic_llm_tensors(cfg), str(llm_dir / "model.safetensors"))
+    (llm_dir / "config.json").write_text(json.dumps({"model_type": "qwen2", **SMALL_LLM}))
+    out = tmp_path / "joined"
+    assert T.main(["--stage", "1", "--init-llm", str(llm_dir), "--init-vision", str(vision), "--data",
+                   str(data / "train.json"), "--images", str(data / "images"), "--out", str(out),
+                   "--batch-size", "2", "--steps", "1", "--no-progress"]) == 0
+    model, tokenizer, _ = FV.FastVLM.from_pretrained(out)
+    reference, _, _ = FV.FastVLM.from_pretrained(vision)
+    assert len(tokenizer) == 151646
+    llm = Q.Qwen2.from_pretrained(llm_dir)
+    assert torch.equal(model.llm.layers[1].mlp.up_proj.weight, llm.layers[1].mlp.up_proj.weight)
+    assert torch.equal(model.vision_tower.stages[4].cpe.fused.weight, reference.vision_tower.stages[4].cpe.fused.weight)
