@@ -187,9 +187,6 @@ def model_from_state(state, tokenizer_folder):
     vision_cfg = repmixer.FastViTHDConfig(**{k: tuple(v) if isinstance(v, list) else v
                                              for k, v in state["vision_cfg"].items()})
     model = FV.FastVLM(vision_cfg, qwen2.Qwen2Config(**state["llm_cfg"]), fused=state["fused"])
-    if not state["fused"]:                # training form, possibly with some blocks already fused
-        for name in state["fused_blocks"]:
-            model.vision_tower.get_submodule(name).reparameterize()
     model.load_state_dict(state["model"])
     return model, qwen2.Tokenizer(tokenizer_folder)
 
@@ -217,10 +214,6 @@ def initialise(args, records):
         model.vision_tower, model.llm = vlm.vision_tower, llm
         return model, qwen2.Tokenizer(args.init_llm), False
     raise DataError("choose an initialisation: --init FOLDER, --init scratch, or --init-llm with --init-vision")
-
-
-def fused_blocks(model):
-    return [n for n, m in model.vision_tower.named_modules() if isinstance(m, repmixer.Reparameterizable) and m.is_fused]
 
 
 def export_tensors(model):
@@ -514,7 +507,7 @@ def train(args, world, rank):
     def make_state():
         return {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(), "step": step, "prior_steps": prior_steps, "stage": args.stage,
-                "fused": core.vision_tower.is_fused or not from_scratch, "fused_blocks": fused_blocks(core),
+                "fused": not from_scratch,        # training form from scratch, official (fused) form otherwise
                 "vision_cfg": asdict(core.vision_tower.cfg), "llm_cfg": asdict(core.llm.cfg), "seed": args.seed}
 
     def checkpoint():
