@@ -15,6 +15,7 @@ OpenMP settings it ran under; plots go to --out (default results/).
 """
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -26,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import onednn
 import qwen2 as Q
 import repmixer as R
 
@@ -52,7 +54,8 @@ def settings_line():
 def flops_of(fn):
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    # The counter sees aten ops only, so count on the plain path (onednn.py computes the same products).
+    with onednn.plain_ops(), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -91,8 +94,9 @@ class ViT(nn.Module):
         self.cls = nn.Parameter(torch.zeros(1, 1, width))
         self.pre = nn.LayerNorm(width)
         self.blocks = nn.ModuleList(nn.ModuleDict(dict(
-            ln1=nn.LayerNorm(width), qkv=nn.Linear(width, 3 * width), proj=nn.Linear(width, width),
-            ln2=nn.LayerNorm(width), fc1=nn.Linear(width, mlp), fc2=nn.Linear(mlp, width))) for _ in range(depth))
+            ln1=nn.LayerNorm(width), qkv=onednn.Linear(width, 3 * width), proj=onednn.Linear(width, width),
+            ln2=nn.LayerNorm(width), fc1=onednn.Linear(width, mlp), fc2=onednn.Linear(mlp, width)))
+            for _ in range(depth))  # the same oneDNN kernels as FastViTHD, so the ratio compares architectures
 
     def forward(self, x):
         x = self.embed(x).flatten(2).transpose(1, 2)                     # (B, N, width)
@@ -101,7 +105,7 @@ class ViT(nn.Module):
         for blk in self.blocks:
             q, k, v = blk.qkv(blk.ln1(x)).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
             x = x + blk.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
-            x = x + blk.fc2(F.gelu(blk.fc1(blk.ln2(x))))
+            x = x + blk.fc2(onednn.linear_gelu(blk.ln2(x), blk.fc1))
         return x
 
 
@@ -112,8 +116,8 @@ def bench_encoder(args):
         fast = R.FastViTHD(R.FastViTHDConfig(depths=(1,) * 5, widths=(8, 16, 32, 64, 128), head_dim=8), fused=True)
         vit = ViT(width=64, depth=2, heads=2)
     else:
-        fast, vit = R.FastViTHD(fused=True).reparameterize(), ViT()
-    fast.eval(), vit.eval()
+        fast, vit = R.FastViTHD(fused=True), ViT()
+    fast.optimize_for_inference(), vit.eval()                 # the inference form FastVLM runs
     rows = []
     print(f"encoder scaling, batch 1, fp32 -- {settings_line()}")
     print("| resolution | FastViTHD (s) | ViT-L/14 (s) | ViT / FastViTHD | FastViTHD GFLOPs | ViT-L/14 GFLOPs | tokens FastViTHD / ViT |")
@@ -121,7 +125,8 @@ def bench_encoder(args):
     for side in sides:
         x = torch.rand(1, 3, side, side)
         runs = 1 if args.quick else args.runs
-        t_fast = median_seconds(lambda: fast(x), runs)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        t_fast = median_seconds(lambda: fast(x_cl), runs)
         t_vit = median_seconds(lambda: vit(x), 1 if (args.quick or side >= 768) else runs)
         f_fast, f_vit = flops_of(lambda: fast(x)), flops_of(lambda: vit(x))
         tokens = ((side // 64) ** 2, (side // 14) ** 2)
@@ -272,12 +277,15 @@ def bench_ttft(args):
         chat.ask(QUESTION, max_new_tokens=new)
         return chat
 
-    timings = []
-    for _ in range(runs + 1):
+    hf_once = hf_fastvlm_ttft(folder, image, new, args.quick)
+    timings, hf_runs = [], []
+    for i in range(runs + 1):                               # ours and transformers' alternate
         chat = ours_first_turn()
         first = chat.timing
         chat.ask(FOLLOW_UP, max_new_tokens=new)
         timings.append((first, chat.timing))
+        if hf_once and i > 0:
+            hf_runs.append(hf_once())
     timings = timings[1:]                                   # the first was the warm-up
     med = lambda f: statistics.median(f(t) for t in timings)  # noqa: E731
     ours = {"preprocess": med(lambda t: t[0].preprocess), "encoder": med(lambda t: t[0].encoder),
@@ -303,7 +311,10 @@ def bench_ttft(args):
     bytes_per_token = sum(p.numel() for p in model.llm.parameters()) * 4
     print(f"decode: {ours['decode']:.1f} tokens/s = {ours['decode'] * bytes_per_token / 1e9:.1f} GB/s of weights "
           f"(copy probe {gbps:.1f} GB/s); matmul probe {gflops:.1f} GFLOP/s")
-    ref = hf_fastvlm_ttft(folder, image, new, runs, args.quick)
+    ref = None
+    if hf_runs:
+        ref = {k: statistics.median(r[k] for r in hf_runs) for k in hf_runs[0]}
+        ref["decode"] = (new - 1) / max(ref["decode"], 1e-9)
     if ref:
         print("| phase | transformers (ms) | ours / transformers |\n|---|---|---|")
         for key in ("encoder", "prefill", "ttft", "follow_up"):
@@ -312,8 +323,12 @@ def bench_ttft(args):
     return ours, ref
 
 
-def hf_fastvlm_ttft(folder, image, new, runs, quick):
-    """transformers' FastVlmForConditionalGeneration on the same weights (needs timm), same prompt."""
+def hf_fastvlm_ttft(folder, image, new, quick):
+    """transformers' FastVlmForConditionalGeneration on the same weights (needs timm), same prompt.
+
+    Returns a function that measures it once (or None without timm), so that the caller can
+    interleave its runs with ours: on a shared machine, load drifts over minutes.
+    """
     try:
         import timm  # noqa: F401
         import transformers
@@ -361,18 +376,20 @@ def hf_fastvlm_ttft(folder, image, new, runs, quick):
                              do_sample=False, pad_token_id=151643)
         return time.perf_counter() - t, out
 
-    ttft = median_seconds(lambda: run(FV.first_turn(QUESTION), 1), runs)
-    total = median_seconds(lambda: run(FV.first_turn(QUESTION), new), runs, warmup=0)
-    _, out = run(FV.first_turn(QUESTION), new)
+    _, out = run(FV.first_turn(QUESTION), new)                 # (also the warm-up)
     answer = tokenizer.decode(out[0, -new:].tolist(), skip_special_tokens=False)
     follow_text = FV.first_turn(QUESTION) + answer + FV.next_turn(FOLLOW_UP)   # the whole chat again
-    follow = median_seconds(lambda: run(follow_text, 1), runs)
     pixels = processor(FV.expand_to_square(image), return_tensors="pt")["pixel_values"]
-    enc = median_seconds(lambda: model.model.get_image_features(pixel_values=pixels), runs)
     embeds = model.model.get_input_embeddings()(prompt_ids(FV.first_turn(QUESTION)))
-    prefill = median_seconds(lambda: model.model.language_model(inputs_embeds=embeds), runs)
-    return {"encoder": enc, "prefill": prefill, "ttft": ttft, "follow_up": follow,
-            "decode": (new - 1) / max(total - ttft, 1e-9)}
+
+    def one_run():
+        """One measurement of every quantity, in seconds (decode as the time of new - 1 tokens)."""
+        ttft = run(FV.first_turn(QUESTION), 1)[0]
+        return {"ttft": ttft, "decode": run(FV.first_turn(QUESTION), new)[0] - ttft,
+                "follow_up": run(follow_text, 1)[0],
+                "encoder": median_seconds(lambda: model.model.get_image_features(pixel_values=pixels), 1, 0),
+                "prefill": median_seconds(lambda: model.model.language_model(inputs_embeds=embeds), 1, 0)}
+    return one_run
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -398,29 +415,55 @@ def bench_threads(args):
 
 
 def bench_reparam(args):
-    """The reparameterization claim: the fused encoder computes the same function, faster."""
+    """The reparameterization claim: the fused encoder computes the same function, faster.
+
+    Four forms, measured in rotation (one run of each, repeated) so that load drifting on a shared
+    machine hits them alike: the training form and the fused form, each with plain PyTorch ops (what a
+    training step runs) and with the oneDNN post-ops of onednn.py; the last row, fused + ConvFFN
+    BatchNorm folded + channels-last + oneDNN post-ops, is what inference runs.
+    """
+    import copy
+
     cfg = R.FASTVITHD if not args.quick else R.FastViTHDConfig(
         depths=(1, 1, 1, 1, 1), widths=(8, 16, 32, 64, 128), head_dim=8, image_size=128)
     side = cfg.image_size
     torch.manual_seed(0)
-    model = R.FastViTHD(cfg).eval()
+    training = R.FastViTHD(cfg).eval()
+    fused = copy.deepcopy(training).reparameterize()
+    inference = copy.deepcopy(training).optimize_for_inference()
     x = torch.rand(1, 3, side, side)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    forms = [("training (branches), plain ops", training, x, False),
+             ("training (branches), oneDNN post-ops", training, x, True),
+             ("fused (reparameterized), plain ops", fused, x, False),
+             ("inference: fused + BN folded + channels-last + oneDNN post-ops", inference, x_cl, True)]
+
+    def run(model, inp, kernels):
+        with contextlib.nullcontext() if kernels else onednn.plain_ops():
+            t = time.perf_counter()
+            out = model(inp)
+            return time.perf_counter() - t, out
+
     runs = 1 if args.quick else args.runs
+    times = {name: [] for name, *_ in forms}
     with torch.no_grad():
-        t_train = median_seconds(lambda: model(x), runs)
-        reference = model(x)
-        model.reparameterize()
-        t_fused = median_seconds(lambda: model(x), runs)
-        err = ((model(x) - reference).abs().max() / reference.abs().max()).item()
-        model.optimize_for_inference()                      # + channels-last, what inference runs
-        xcl = x.contiguous(memory_format=torch.channels_last)
-        t_cl = median_seconds(lambda: model(xcl), runs)
-    print(f"FastViTHD at {side}px, batch 1, fp32 -- {settings_line()}")
-    print("| form | latency (s) | speed-up |\n|---|---|---|")
-    print(f"| training (branches) | {t_train:.2f} | 1.00x |\n| fused | {t_fused:.2f} | {t_train / t_fused:.2f}x |")
-    print(f"| fused, channels-last (inference) | {t_cl:.2f} | {t_train / t_cl:.2f}x |")
-    print(f"speed-up {t_train / t_fused:.2f}x from fusing, max relative difference {err:.1e}")
-    return t_train, t_fused, t_cl
+        reference = run(training, x, False)[1]
+        errors = {name: ((run(m, inp, k)[1] - reference).abs().max() / reference.abs().max()).item()
+                  for name, m, inp, k in forms}                 # (also the warm-up)
+        for _ in range(runs):
+            for name, model, inp, kernels in forms:
+                times[name].append(run(model, inp, kernels)[0])
+    t = {name: statistics.median(v) for name, v in times.items()}
+    base = t[forms[0][0]]
+    print(f"FastViTHD at {side}px, batch 1, fp32, medians of {runs} rotations -- {settings_line()}")
+    print("| form | latency (s) | speed-up | max relative difference |\n|---|---|---|---|")
+    for name, *_ in forms:
+        print(f"| {name} | {t[name]:.2f} | {base / t[name]:.2f}x | {errors[name]:.1e} |")
+    names = [f[0] for f in forms]
+    print(f"reparameterization alone: {t[names[0]] / t[names[2]]:.2f}x with plain ops, "
+          f"{t[names[1]] / t[names[3]]:.2f}x with the oneDNN post-ops; "
+          f"training form as trained -> inference form as run: {base / t[names[3]]:.2f}x")
+    return t
 
 
 def main(argv=None):

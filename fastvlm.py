@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageOps
 
+import onednn
 import repmixer
 import qwen2
 from checkpoint import CheckpointError, load_exact, read_safetensors
@@ -126,7 +127,7 @@ class FastVLM(nn.Module):
         self.vision_tower = repmixer.FastViTHD(vision_cfg, fused=fused)
         d = llm_cfg.hidden_size
         # `mlp2x_gelu`: two linear layers with a GELU between (LLaVA-1.5's connector)
-        self.mm_projector = nn.Sequential(nn.Linear(vision_cfg.out_channels, d), nn.GELU(), nn.Linear(d, d))
+        self.mm_projector = nn.Sequential(onednn.Linear(vision_cfg.out_channels, d), nn.GELU(), onednn.Linear(d, d))
         self.llm = qwen2.Qwen2(llm_cfg)
 
     @property
