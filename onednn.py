@@ -76,6 +76,12 @@ def linear_gelu(x, linear):
     return F.gelu(F.linear(x, linear.weight, linear.bias))
 
 
+def _conv_fast_path(x, conv, *more):
+    """fast_path() for a conv, which oneDNN's fused op takes with numeric zero padding only."""
+    return (fast_path(x, conv.weight, conv.bias, *more)
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+
+
 def _conv_args(conv):
     return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
 
@@ -94,7 +100,7 @@ def _pixels(x):
 
 def conv_gelu(x, conv):
     """GELU(conv(x)) with the GELU applied inside the conv (1. above).    (B, C, H, W) -> (B, C', H', W')"""
-    if not fast_path(x, conv.weight, conv.bias):
+    if not _conv_fast_path(x, conv):
         return F.gelu(conv(x))
     if _as_matmul(x, conv):
         w = conv.weight.flatten(1)                              # (C', C, 1, 1) -> (C', C)
@@ -104,7 +110,7 @@ def conv_gelu(x, conv):
 
 def conv_scale_add(h, conv, scale, residual):
     """residual + scale * conv(h), one pass (2. above). scale: (C', 1, 1) per-channel layer scale."""
-    if not fast_path(h, conv.weight, conv.bias, scale, residual):
+    if not _conv_fast_path(h, conv, scale, residual):
         return residual + scale * conv(h)
     w = conv.weight * scale.reshape(-1, 1, 1, 1)                # fold ls into the weight: (C', C, k, k)
     b = None if conv.bias is None else conv.bias * scale.flatten()
