@@ -6,6 +6,8 @@ never in tests. Random weights at the real shapes (tests/synthetic.py), no downl
     python bench.py decoder     Qwen2-0.5B shapes: prefill 300 tokens and decode, vs transformers' Qwen2
     python bench.py ttft        FastVLM-0.5B at 1024 px: TTFT broken down, decode, follow-up turn, vs
                                 transformers' FastVlmForConditionalGeneration when it (and timm) is installed
+    python bench.py breakdown   where the time goes: every block of the encoder and of the prefill, its
+                                FLOPs and GFLOP/s against the matmul probe
     python bench.py probe       the machine's ceiling: fp32 matmul GFLOP/s and copy bandwidth
     python bench.py threads     decode speed under OMP_WAIT_POLICY and thread-count settings
     add --quick for tiny shapes and one run (the smoke test does this)
@@ -56,10 +58,7 @@ def settings_line():
 
 
 def flops_of(fn):
-    from torch.utils.flop_counter import FlopCounterMode
-
-    # The counter sees aten ops only, so count on the plain path (onednn.py computes the same products).
-    with onednn.plain_ops(), FlopCounterMode(display=False) as counter:
+    with onednn.flop_counter() as counter:
         fn()
     return counter.get_total_flops()
 
@@ -461,16 +460,160 @@ def bench_reparam(args):
     return t
 
 
+# ----------------------------------------------------------------------------------------------------
+# 6. Where the time goes: every block of the encoder and the decoder against the machine's ceiling.
+# ----------------------------------------------------------------------------------------------------
+
+class BlockTimer:
+    """Exclusive time and FLOPs per labelled module, through forward hooks.
+
+    A labelled module's row gets its own time only: the time of labelled modules called inside it goes
+    to theirs (so MHSA's row is its attention core, its qkv/proj linears have their own). FLOPs come
+    from a second pass under onednn.flop_counter().
+    """
+
+    def __init__(self, labels):                                 # {module: row label}
+        self.time, self.flops = {}, {}
+        self.counter, self.stack = None, []
+        self.handles = []
+        for module, label in labels.items():
+            self.time.setdefault(label, 0.0)
+            self.flops.setdefault(label, 0)
+            self.handles.append(module.register_forward_pre_hook(lambda *_: self._enter()))
+            self.handles.append(module.register_forward_hook(lambda *_, label=label: self._exit(label)))
+
+    def _now(self):
+        return time.perf_counter(), self.counter.get_total_flops() if self.counter else 0
+
+    def _enter(self):
+        self.stack.append([*self._now(), 0.0, 0])              # start time, start FLOPs, children's
+
+    def _exit(self, label):
+        t0, f0, child_t, child_f = self.stack.pop()
+        t, f = self._now()
+        self.time[label] += t - t0 - child_t
+        self.flops[label] += f - f0 - child_f
+        if self.stack:
+            self.stack[-1][2] += t - t0
+            self.stack[-1][3] += f - f0
+
+    def measure(self, fn, runs):
+        """Mean seconds of fn() per row (and 'other' for what no row covers), FLOPs per row."""
+        fn()                                                    # warm-up
+        self.time = dict.fromkeys(self.time, 0.0)
+        total = 0.0
+        for _ in range(runs):
+            t = time.perf_counter()
+            fn()
+            total += time.perf_counter() - t
+        seconds = {k: v / runs for k, v in self.time.items()}
+        seconds["other (residual adds, reshapes, Python)"] = total / runs - sum(seconds.values())
+        with onednn.flop_counter() as self.counter:
+            fn()
+        self.counter = None
+        for h in self.handles:
+            h.remove()
+        return seconds, dict(self.flops), total / runs
+
+
+def encoder_rows(model):
+    """The encoder's blocks, grouped by the kernel they run on (their efficiency differs by kind)."""
+    depthwise = "depthwise convs (RepMixer 3x3, ConvFFN 7x7, RepCPE 7x7)"
+    labels = {model.stem: "stem (3x3 s2 conv, 3x3 s2 depthwise, 1x1)",
+              model.expand: "final expansion (3x3 grouped + SE)"}
+    for i, stage in enumerate(model.stages, start=1):
+        if isinstance(stage.downsample, R.Downsample):
+            labels[stage.downsample] = "downsampling (7x7 s2 grouped conv + 1x1)"
+        if isinstance(stage.cpe, R.RepCPE):
+            labels[stage.cpe] = depthwise
+        for block in stage.blocks:
+            ffn = block.convffn
+            labels[ffn.fused if ffn.is_fused else ffn.local] = depthwise
+            c, hidden = ffn.fc1.in_channels, ffn.fc1.out_channels
+            labels[ffn] = f"ConvFFN 1x1 convs, stage {i} ({c} -> {hidden} -> {c})"
+            if isinstance(block, R.RepMixerBlock):
+                labels[block.token_mixer] = depthwise
+            else:
+                labels[block.norm] = "attention: channel LayerNorm"
+                labels[block.token_mixer.qkv] = labels[block.token_mixer.proj] = "attention: qkv and proj linears"
+                labels[block.token_mixer] = "attention: softmax(q k^T) v (SDPA)"
+    return labels
+
+
+def decoder_rows(model):
+    labels = {model.lm_head: "LLM lm_head (last position only)", model.norm: "LLM RMSNorm"}
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        labels[layer.input_layernorm] = labels[layer.post_attention_layernorm] = "LLM RMSNorm"
+        for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+            labels[linear] = "LLM attention linears (q, k, v, o)"
+        labels[attn] = "LLM attention: RoPE, KV cache, SDPA"
+        for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            labels[linear] = "LLM MLP linears (gate, up, down)"
+        labels[mlp] = "LLM SwiGLU: silu(gate) * up"
+    return labels
+
+
+def ttft_prompt_tokens(cfg):
+    """Length of bench ttft's first prompt: the template and QUESTION (Qwen2's real tokenizer) + the image."""
+    import tempfile
+
+    import fastvlm as FV
+    from synthetic import write_official_tokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_official_tokenizer(folder)
+        ids = FV.tokenize_with_image(Q.Tokenizer(folder), FV.first_turn(QUESTION))
+    return len(ids) - 1 + cfg.num_tokens()                      # <image> stands for the visual tokens
+
+
+@torch.no_grad()
+def bench_breakdown(args):
+    """The inference encoder at its image size and the 0.5B decoder's prefill of the TTFT prompt,
+    block by block: time, FLOPs and GFLOP/s against the matmul probe. The last line is the floor:
+    the time if every FLOP ran at the probe's speed."""
+    cfg = QUICK_VISION if args.quick else R.FASTVITHD
+    torch.manual_seed(0)
+    encoder = R.FastViTHD(cfg).eval().optimize_for_inference()
+    image = torch.rand(1, 3, cfg.image_size, cfg.image_size).contiguous(memory_format=torch.channels_last)
+    llm = Q.Qwen2(llm_config(args.quick)).init_weights().eval()
+    prompt = ttft_prompt_tokens(cfg)
+    embeds = torch.randn(1, prompt, llm.cfg.hidden_size) * 0.02
+    llm.setup_cache(prompt)
+    runs = 1 if args.quick else args.runs
+    gflops, _ = probe(args, quiet=True)
+    parts = [(f"FastViTHD (inference form) at {cfg.image_size} px", encoder_rows(encoder), lambda: encoder(image)),
+             (f"Qwen2 {'tiny' if args.quick else '0.5B'} prefill of {prompt} tokens", decoder_rows(llm),
+              lambda: llm(embeds=embeds, last_only=True))]
+    print(f"where the time goes, fp32, means of {runs} runs -- {settings_line()}; matmul probe {gflops:.1f} GFLOP/s")
+    all_flops = all_seconds = 0
+    for title, labels, fn in parts:
+        seconds, flops, total = BlockTimer(labels).measure(fn, runs)
+        print(f"{title}: {total:.2f} s")
+        print("| block | ms | share | GFLOPs | GFLOP/s | of the probe |\n|---|---|---|---|---|---|")
+        for label, s in sorted(seconds.items(), key=lambda kv: -kv[1]):
+            f = flops.get(label, 0) / 1e9
+            rate = f"| {f / s:.1f} | {f / s / gflops:.0%} |" if f else "| | |"
+            print(f"| {label} | {s * 1e3:.0f} | {s / total:.1%} | {f:.1f} {rate}")
+        f = sum(flops.values()) / 1e9
+        print(f"total {f:.1f} GFLOPs at {f / total:.1f} GFLOP/s ({f / total / gflops:.0%} of the probe); "
+              f"at the probe's speed throughout: {f / gflops:.2f} s\n")
+        all_flops, all_seconds = all_flops + f, all_seconds + total
+    print(f"encoder + prefill: {all_flops:.0f} GFLOPs in {all_seconds:.2f} s, {all_flops / all_seconds / gflops:.0%} "
+          f"of the probe; floor at the probe's speed {all_flops / gflops:.2f} s")
+    return all_flops, all_seconds
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["reparam", "encoder", "decoder", "ttft", "probe", "threads", "all"])
+    p.add_argument("what", choices=["reparam", "encoder", "decoder", "ttft", "breakdown", "probe", "threads", "all"])
     p.add_argument("--quick", action="store_true", help="tiny shapes, one run: checks the script runs")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "results"))
     p.add_argument("--no-reference", action="store_true", help="skip the transformers comparisons")
     args = p.parse_args(argv)
     jobs = {"probe": probe, "reparam": bench_reparam, "encoder": bench_encoder, "decoder": bench_decoder,
-            "ttft": bench_ttft, "threads": bench_threads}
+            "ttft": bench_ttft, "breakdown": bench_breakdown, "threads": bench_threads}
     for name in (jobs if args.what == "all" else [args.what]):
         jobs[name](args)
         print()

@@ -54,6 +54,44 @@ def plain_ops():
         enabled = before
 
 
+@contextmanager
+def flop_counter():
+    """torch's FlopCounterMode over the plain ops, with CPU attention counted:
+
+        with onednn.flop_counter() as counter:
+            model(x)
+        counter.get_total_flops()
+
+    The counter sees aten ops only, hence the plain ops (the fused kernels compute the same products).
+    torch 2.13's counter has formulas for the GPU attention kernels but not for the CPU one that
+    `F.scaled_dot_product_attention` runs here, so it would count attention as 0 FLOPs (at 1024 px:
+    14 of FastViTHD's GFLOPs, and half of ViT-L/14's). `_count_cpu_attention` fills that in.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _count_cpu_attention()
+    with plain_ops(), FlopCounterMode(display=False) as counter:
+        yield counter
+
+
+def _count_cpu_attention():
+    """Register a FLOP formula for the CPU SDPA kernel, unless this torch already has one."""
+    from torch.utils import flop_counter as fc
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in fc.flop_registry:
+        return
+
+    @fc.register_flop_formula(op)
+    def sdpa_cpu_flops(q_shape, k_shape, v_shape, dropout_p=0.0, is_causal=False, *args, **kwargs):
+        # q k^T and (scores) v: 2 * B * H * T * S * (d + d_v), as torch counts the GPU kernels.
+        flops = fc.sdpa_flop_count(q_shape, k_shape, v_shape)
+        T, S = q_shape[-2], k_shape[-2]
+        if is_causal and T == S:                                # only the lower triangle is computed
+            flops = flops * (T + 1) // (2 * T)
+        return flops
+
+
 def fast_path(*tensors):
     """True when oneDNN's fused kernels may replace the plain ops for these tensors."""
     return (enabled and HAVE_FUSED_OPS and not torch.is_grad_enabled()

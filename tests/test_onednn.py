@@ -147,3 +147,24 @@ def test_the_whole_encoder_agrees_on_both_paths():
     enc.optimize_for_inference()
     x = torch.rand(1, 3, 192, 128).contiguous(memory_format=torch.channels_last)
     assert_close(*both_paths(lambda: enc(x)), alive=True)
+
+
+def test_flop_counter_counts_cpu_attention_as_its_matrix_products():
+    """torch's counter has no formula for the CPU attention kernel; onednn.flop_counter() adds one that
+    counts what the plain softmax(q k^T) v math counts (and only the lower triangle when causal)."""
+    torch.manual_seed(0)
+    attn = R.MHSA(64, head_dim=16)
+    x = torch.randn(1, 64, 8, 6)                                # N = 48 positions, 4 heads
+    counts = {}
+    for use_sdpa in (True, False):
+        attn.use_sdpa = use_sdpa
+        with onednn.flop_counter() as counter:
+            attn(x)
+        counts[use_sdpa] = counter.get_total_flops()
+    linears = 2 * 48 * 64 * (3 * 64) + 2 * 48 * 64 * 64
+    assert counts[True] == counts[False] == linears + 2 * (2 * 4 * 48 * 48 * 16)
+
+    q, kv = torch.randn(1, 4, 10, 8), torch.randn(1, 2, 10, 8)  # grouped-query, causal: 55 of 100 scores
+    with onednn.flop_counter() as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+    assert counter.get_total_flops() == 2 * (2 * 4 * 55 * 8)
