@@ -1,7 +1,7 @@
 """Fused CPU kernels: the same math as the plain PyTorch expression beside each, in fewer passes.
 
 Why this file exists. On a CPU, FastVLM's time to first token is matrix products: the encoder's 1x1
-convs and the LLM's linears, ~675 GFLOP at 1024 px with the 0.5B model. PyTorch's eager ops leave
+convs and the LLM's linears, ~690 GFLOP at 1024 px with the 0.5B model. PyTorch's eager ops leave
 three things on the table, each measured on the 2-core AMD EPYC of the README (fp32, 2 threads):
 
 1. An activation after a conv is a second pass over a large map. The ConvFFN's expansion writes a
