@@ -412,8 +412,7 @@ class MHSA(nn.Module):
 
     def forward(self, x):                                       # (B, C, H, W)
         B, C, H, W = x.shape
-        # (B, H, W, C) -> (B, N, C), N = H*W row-major. A view, no copy, when x is channels-last.
-        tokens = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
+        tokens = to_tokens(x)                                   # (B, N, C), N = H*W; a view when channels-last
         qkv = self.qkv(tokens).reshape(B, H * W, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)                    # each (B, heads, N, head_dim)
         if self.use_sdpa:
@@ -526,7 +525,9 @@ def reparameterize(module):
 
 
 def to_tokens(features):
-    """(B, C, h, w) feature map -> (B, h*w, C) tokens, row-major, as the projector expects."""
+    """(B, C, h, w) feature map -> (B, h*w, C) tokens, row-major, as attention and the projector expect.
+
+    (B, h, w, C) -> (B, h*w, C): a view, no copy, when the map is channels-last."""
     B, C, h, w = features.shape
     return features.permute(0, 2, 3, 1).reshape(B, h * w, C)
 

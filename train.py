@@ -42,6 +42,7 @@ one process. The global batch is batch-size x processes x grad-accum.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -317,7 +318,7 @@ def step_loss(model, batches, average, world):
     loss_value = 0.0
     for i, (pixels, ids, labels) in enumerate(batches):
         sync = i == len(batches) - 1
-        ctx = model.no_sync() if (world > 1 and not sync) else _null()
+        ctx = model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
         with ctx:
             logits, spread = model(pixels, ids, labels)
             ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), spread[:, 1:].flatten(),
@@ -333,14 +334,6 @@ def step_loss(model, batches, average, world):
     if world > 1:
         dist.all_reduce(reported)
     return (reported / total).item()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def plot_losses(log_path, png_path):
@@ -479,7 +472,7 @@ def train(args, world, rank):
     elif args.init and args.init != "scratch" and (Path(args.init) / STATE).is_file():
         prior = torch.load(Path(args.init) / STATE, weights_only=True)
         prior_steps = prior.get("prior_steps", 0) + prior["step"]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     pad_id = tokenizer.token_id("<|endoftext|>") or 0
 
     progress = None
