@@ -2,11 +2,25 @@
 
 Every tensor is drawn from numpy's PCG64 seeded with the CRC32 of its official key, so our tests and
 the fixture script (run once in another environment with timm) build bit-identical weights without
-storing hundreds of MB. The scales are chosen so that a deep tower stays alive: unit-variance
-fan-in weights, BatchNorm statistics near 1, layer scales of a few tenths, and the identity that
-Apple folds into the fused RepMixer / CPE kernels added at their centre tap. A comparison on a
-tower whose output has collapsed to zero proves nothing, so every reference test also checks the
-output's spread.
+storing hundreds of MB.
+
+The scales are chosen so that the comparisons built on these weights can fail. A comparison on a
+tower whose output has collapsed, exploded or gone dead proves little: with plain unit-gain weights
+FastViTHD's 36 RepMixer blocks grew the activations to thousands while half the output was exactly 0,
+and a bound relative to the largest value then let real bugs through. So:
+
+* the vision tower keeps every stage's spread near 1 and nearly every output channel alive: unit
+  gain over the fan-in, a gain of 1.6 before each GELU (which keeps ~0.43 of a unit input's second
+  moment), layer scales of 0.02-0.2, BatchNorm statistics near 1, and in the fused RepMixer / RepCPE
+  kernels the identity that Apple folds into them plus a small random part;
+* token embeddings are N(0, 1) as `nn.Embedding` initialises them, so text embeddings and projected
+  image embeddings have comparable norms (a tower whose image tokens dwarf the text would hide a wrong
+  image scale behind the LLM's RMSNorm);
+* the final RMSNorm gain has mixed signs: with a tied head and an all-positive gain, the last input
+  token's own embedding dominates the logits and greedy decoding repeats one token forever, which
+  would make a greedy-output comparison check a single token.
+
+Every reference test also checks the spread of the output it compares.
 """
 
 import re
@@ -17,7 +31,17 @@ import numpy as np
 import torch
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# Fused kernels that hold an identity (RepMixer: x + ls * (mixer(x) - BN(x)); RepCPE: x + pe(x)): the
+# identity at the centre tap plus a small random part, so that 36 such blocks in a row neither blow up
+# nor reduce to the identity.
 FOLDED_IDENTITY = re.compile(r"(token_mixer\.reparam_conv|network\.\d+\.reparam_conv)\.weight$")
+IDENTITY_NOISE = 0.1
+# Convs followed by a GELU (stem, downsampling, ConvFFN expansion, final expansion): a gain of 1.6 makes
+# up for the ~0.43 of the second moment that GELU keeps of a unit normal input, so every stage's
+# activations keep a spread near 1 instead of shrinking stage by stage.
+BEFORE_GELU = re.compile(r"(patch_embed\.\d\.reparam_conv|proj\.0\.lkb_reparam|proj\.1\.reparam_conv"
+                         r"|convffn\.fc1|conv_exp\.reparam_conv)\.weight$")
+GELU_GAIN = 1.6
 
 
 def manifest(size="0.5b"):
@@ -36,20 +60,25 @@ def synthetic_tensor(key, shape, dtype="float"):
     rng = np.random.default_rng(zlib.crc32(key.encode()))
     name = key.rsplit(".", 1)[-1]
     if "layer_scale" in key:
-        x = rng.uniform(0.05, 0.3, shape)
+        x = rng.uniform(0.02, 0.2, shape)
     elif name == "running_var":
         x = rng.uniform(0.5, 2.0, shape)
     elif name == "running_mean":
         x = rng.normal(0.0, 0.1, shape)
     elif name == "bias":
         x = rng.normal(0.0, 0.05, shape)
+    elif key == "model.norm.weight":  # the final RMSNorm gain: mixed signs, see the module docstring
+        x = rng.uniform(0.3, 1.3, shape) * rng.choice([-1.0, 1.0], shape)
+    elif name == "weight" and "embed_tokens" in key:  # N(0, 1) rows, as nn.Embedding initialises them
+        x = rng.normal(0.0, 1.0, shape)
     elif len(shape) == 1:  # BatchNorm / LayerNorm / RMSNorm gains
         x = rng.uniform(0.7, 1.3, shape)
     elif name == "proj" and len(shape) == 2:  # MobileCLIP's head.proj, (in, out)
         x = rng.normal(0.0, shape[0] ** -0.5, shape)
     else:  # conv and linear weights: unit gain over the fan-in
         fan_in = int(np.prod(shape[1:]))
-        x = rng.normal(0.0, fan_in ** -0.5, shape)
+        gain = IDENTITY_NOISE if FOLDED_IDENTITY.search(key) else GELU_GAIN if BEFORE_GELU.search(key) else 1.0
+        x = rng.normal(0.0, gain * fan_in ** -0.5, shape)
         if FOLDED_IDENTITY.search(key):
             x[:, :, shape[2] // 2, shape[3] // 2] += 1.0
     return torch.from_numpy(x.astype(np.float32))
@@ -160,8 +189,9 @@ SMALL_LLM = dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_h
                  num_attention_heads=4, num_key_value_heads=2, max_window_layers=2)
 
 
-def fastvlm_tensors(llm_fields=SMALL_LLM, vision_cfg=None):
-    """Official-layout tensors: full FastViTHD (or a small config), the projector, a Qwen2 of `llm_fields`."""
+def fastvlm_tensors(llm_fields=SMALL_LLM, vision_cfg=None, tied=True):
+    """Official-layout tensors: full FastViTHD (or a small config), the projector, a Qwen2 of `llm_fields`
+    (with its own `lm_head.weight` when not `tied`, as the 7B has)."""
     import qwen2
     import repmixer
 
@@ -180,11 +210,11 @@ def fastvlm_tensors(llm_fields=SMALL_LLM, vision_cfg=None):
     for key, shape in [("model.mm_projector.0.weight", (d, out_channels)), ("model.mm_projector.0.bias", (d,)),
                        ("model.mm_projector.2.weight", (d, d)), ("model.mm_projector.2.bias", (d,))]:
         tensors[key] = synthetic_tensor(key, shape)
-    tensors.update(synthetic_llm_tensors(llm_cfg))
+    tensors.update(synthetic_llm_tensors(llm_cfg, tied))
     return tensors
 
 
-def write_fastvlm_checkpoint(folder, llm_fields=SMALL_LLM, vision_cfg=None, dtype=torch.bfloat16):
+def write_fastvlm_checkpoint(folder, llm_fields=SMALL_LLM, vision_cfg=None, dtype=torch.bfloat16, tied=True):
     """A checkpoint folder in the official layout: config.json, model.safetensors (bf16, as Apple stores
     it), and the slow-tokenizer files."""
     import json
@@ -194,10 +224,10 @@ def write_fastvlm_checkpoint(folder, llm_fields=SMALL_LLM, vision_cfg=None, dtyp
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = fastvlm_tensors(llm_fields, vision_cfg)
+    tensors = fastvlm_tensors(llm_fields, vision_cfg, tied)
     save_file({k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()},
               str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config = {**OFFICIAL_CONFIG, **llm_fields}
+    config = {**OFFICIAL_CONFIG, **llm_fields, "tie_word_embeddings": tied}
     if vision_cfg is not None:
         config["fastvithd"] = asdict(vision_cfg)
         config["mm_hidden_size"] = vision_cfg.out_channels

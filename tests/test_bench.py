@@ -20,7 +20,8 @@ def test_bench_quick_runs_every_section(tmp_path):
 
 
 def test_breakdown_rows_cover_every_flop_once():
-    """bench.py breakdown's rows: together they hold the whole model's FLOPs, none counted twice."""
+    """bench.py breakdown's rows: together they hold the whole model's FLOPs, none counted twice, and the
+    rows that are plain matrix products hold exactly the closed-form count of their shapes."""
     import torch
 
     import bench
@@ -28,17 +29,34 @@ def test_breakdown_rows_cover_every_flop_once():
     import repmixer as R
 
     torch.manual_seed(0)
-    encoder = R.FastViTHD(bench.QUICK_VISION).eval().optimize_for_inference()
-    image = torch.rand(1, 3, 128, 128).contiguous(memory_format=torch.channels_last)
+    cfg = bench.QUICK_VISION
+    encoder = R.FastViTHD(cfg).eval().optimize_for_inference()
+    side = 128
+    image = torch.rand(1, 3, side, side).contiguous(memory_format=torch.channels_last)
     llm = Q.Qwen2(bench.llm_config(quick=True)).init_weights().eval()
     llm.setup_cache(16)
-    embeds = torch.randn(1, 16, llm.cfg.hidden_size)
+    T = 16
+    embeds = torch.randn(1, T, llm.cfg.hidden_size)
     with torch.no_grad():
-        for rows, fn in ((bench.encoder_rows(encoder), lambda: encoder(image)),
-                         (bench.decoder_rows(llm), lambda: llm(embeds=embeds, last_only=True))):
+        for part, rows, fn in (("encoder", bench.encoder_rows(encoder), lambda: encoder(image)),
+                               ("decoder", bench.decoder_rows(llm), lambda: llm(embeds=embeds, last_only=True))):
             seconds, flops, total = bench.BlockTimer(rows).measure(fn, runs=1)
             assert set(flops) == set(rows.values())
             elementwise = {k for k in flops if "Norm" in k or "SwiGLU" in k}  # the counter counts products only
             assert all((flops[k] == 0) == (k in elementwise) for k in flops), flops
             assert sum(flops.values()) == bench.flops_of(fn)
-            assert all(s >= 0 for s in seconds.values()) and abs(sum(seconds.values()) - total) < 1e-9
+            # exclusive times: a row charged with a child's time twice would go negative elsewhere
+            assert all(s >= 0 for k, s in seconds.items() if not k.startswith("other")) and total > 0
+            if part == "encoder":
+                for i, (depth, c) in enumerate(zip(cfg.depths, cfg.widths), start=1):
+                    pixels = (side // (4 * 2 ** (i - 1))) ** 2
+                    hidden = int(c * cfg.mlp_ratio)
+                    row = f"ConvFFN 1x1 convs, stage {i} ({c} -> {hidden} -> {c})"
+                    assert flops[row] == depth * 2 * pixels * (c * hidden + hidden * c), row
+            else:
+                c = llm.cfg
+                d, f, L, hd = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.head_dim
+                qkvo = d * (c.num_attention_heads * hd) * 2 + d * (c.num_key_value_heads * hd) * 2
+                assert flops["LLM MLP linears (gate, up, down)"] == L * 2 * T * 3 * d * f
+                assert flops["LLM attention linears (q, k, v, o)"] == L * 2 * T * qkvo
+                assert flops["LLM lm_head (last position only)"] == 2 * d * c.vocab_size

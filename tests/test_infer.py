@@ -174,12 +174,19 @@ def test_no_default_model_yet(capsys, photo, monkeypatch, tmp_path):
 # --- working paths --------------------------------------------------------------------------------------
 
 def test_greedy_is_deterministic_and_sampling_is_seeded(capsys, model_dir, photo):
-    base = ["--model", model_dir, "--max-new-tokens", "6"]
-    a, b = run(capsys, photo, "q?", *base), run(capsys, photo, "q?", *base)
-    assert a[0] == 0 and a[1] == b[1] and a[1].strip()
-    s1 = run(capsys, photo, "q?", *base, "--temperature", "1.0", "--seed", "3")
-    s2 = run(capsys, photo, "q?", *base, "--temperature", "1.0", "--seed", "3")
-    assert s1[1] == s2[1]
+    """Each sampling option reaches the sampler: a seeded sample repeats, differs from greedy and from
+    another seed's (so --temperature and --seed are used), and a vanishing --top-p leaves the top token
+    only, which is greedy again (so --top-p is used)."""
+    base = ["--model", model_dir, "--max-new-tokens", "8"]
+    greedy, again = run(capsys, photo, "q?", *base), run(capsys, photo, "q?", *base)
+    assert greedy[0] == 0 and greedy[1] == again[1] and greedy[1].strip()
+    hot = [*base, "--temperature", "3.0"]
+    s3, s3_again, s4 = (run(capsys, photo, "q?", *hot, "--seed", seed) for seed in ("3", "3", "4"))
+    assert s3[0] == s4[0] == 0
+    assert s3[1] == s3_again[1]
+    assert s3[1] != greedy[1] and s4[1] != greedy[1] and s3[1] != s4[1]
+    nucleus = run(capsys, photo, "q?", *hot, "--seed", "3", "--top-p", "1e-9")
+    assert nucleus[1] == greedy[1]
 
 
 def test_bfloat16_on_cpu_runs(capsys, model_dir, photo):

@@ -1,5 +1,6 @@
 """FastViTHD: reparameterization is exact, shapes and counts match the release, outputs match timm."""
 
+import copy
 import json
 
 import pytest
@@ -10,8 +11,9 @@ from safetensors.torch import load_file
 import repmixer as R
 from checkpoint import CheckpointError
 from synthetic import FIXTURES, manifest, synthetic_image, synthetic_state_dict
+from tolerance import assert_close
 
-torch.set_grad_enabled(False)
+pytestmark = pytest.mark.inference
 
 # Tolerance of the property tests. They run in float64, where the folding algebra is exact up to
 # ~1e-15 relative; a wrong fold (a missed branch, a padding off by one, a BN on the wrong side) is an
@@ -227,19 +229,38 @@ def test_loader_names_the_bad_key():
 
 # --- reference outputs from timm's fastvit_mci3 (tests/make_encoder_fixtures.py) ---------------------
 
+# Elementwise tolerance against timm (tests/tolerance.py). Both run float32 on the same weights and
+# differ by summation order only; measured 2026-11-26 on a 2-core AMD EPYC (Zen 4, AVX-512), the
+# largest difference was 1.4e-5 x std in the stored form and 1.8e-5 x std folded and channels-last.
+# 1e-4 relative + 1e-4 x std leaves ~5x room for other CPUs and kernels; a GELU in its tanh form, a
+# BatchNorm with the wrong eps or a layer scale off by 1 % is far outside it.
+TIMM_RTOL, TIMM_ATOL = 1e-4, 1e-4
+
+
 def test_matches_timm_reference_at_256_and_1024(official_encoder):
+    """The official stored form (ConvFFN BatchNorm applied) at 256 and 1024 px, and the inference form
+    (BatchNorm folded, channels-last, fused CPU kernels) at 256 px, equal timm's `fastvit_mci3`
+    elementwise. The folded copy is a deep copy: folding the shared fixture in place would make every
+    later check compare the folded form only."""
     ref = load_file(str(FIXTURES / "encoder_reference.safetensors"))
-    for fuse_ffn_bn in (False, True):
-        model = official_encoder if not fuse_ffn_bn else official_encoder.reparameterize()
-        out = model(synthetic_image(256))
-        assert ref["features_256"].std() > 1.0 and out.std() > 1.0, "collapsed activations prove nothing"
-        assert (out - ref["features_256"]).abs().max() <= 1e-4 * ref["features_256"].abs().max()
+    r256 = ref["features_256"]
+    alive = (r256.flatten(2).std(-1) > 1e-3).float().mean()
+    assert r256.std() > 0.5 and alive > 0.95, "a collapsed or dead reference would prove nothing"
+    assert_close(official_encoder(synthetic_image(256)), r256, TIMM_RTOL, TIMM_ATOL, "stored form, 256 px")
+    folded = copy.deepcopy(official_encoder).optimize_for_inference()
+    assert not is_folded(official_encoder) and is_folded(folded)
+    x = synthetic_image(256).contiguous(memory_format=torch.channels_last)
+    assert_close(folded(x), r256, TIMM_RTOL, TIMM_ATOL, "folded form, 256 px")
+
     out = official_encoder(synthetic_image(1024))
-    mean, std, amax = ref["features_1024_stats"]
-    assert std > 1.0
-    sub = ref["features_1024_every16"]
-    assert (out[:, ::16] - sub).abs().max() <= 1e-4 * sub.abs().max()
-    assert torch.allclose(torch.stack([out.mean(), out.std(), out.abs().max()]), ref["features_1024_stats"], rtol=1e-4)
+    assert_close(out[:, ::4], ref["features_1024_every4"], TIMM_RTOL, TIMM_ATOL, "stored form, 1024 px")
+    stats = torch.stack([out.mean(), out.std(), out.abs().max()])
+    assert ref["features_1024_stats"][1] > 1.0
+    assert torch.allclose(stats, ref["features_1024_stats"], rtol=1e-4)
+
+
+def is_folded(encoder):
+    return not any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules())
 
 
 def test_official_key_mapping_round_trips_both_ways():

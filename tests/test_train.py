@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 import fastvlm as FV
+import qwen2
 import shapes_data
 import train as T
 
@@ -82,7 +82,6 @@ def test_labels_cover_only_the_answers_and_their_end_marker(base_run):
     assert (spread[0] != -100).sum() == len(learnt)
 
 
-@torch.enable_grad()     # other test modules switch autograd off for their inference-only checks
 def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(data):
     records = T.load_records(data / "train.json", data / "images")
     torch.manual_seed(0)
@@ -114,12 +113,6 @@ def test_resume_continues_exactly(data, base_run, tmp_path):
     assert logged == [1, 2, 3, 4, 5]          # the base run's step, then this run's four, once each
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_equal_one_process(data, base_run, tmp_path):
     """Two gloo processes x batch 2 end exactly where one process x batch 4 ends."""
     common = ["--stage", "2", "--init", str(base_run), "--steps", "3", "--lr", "1e-3", "--bn", "eval",
@@ -127,8 +120,10 @@ def test_ddp_two_processes_equal_one_process(data, base_run, tmp_path):
     single = tmp_path / "single"
     assert T.main(common + ["--out", str(single), "--batch-size", "4"]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "train.py"),
+    # --standalone: the launcher's own store binds a free port and keeps it, so no other process can
+    # take the port between choosing and binding it (a socket bound, closed and its port passed on could)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "train.py"),
                            *common, "--out", str(tmp_path / "ddp"), "--batch-size", "2"],
                           capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -154,13 +149,48 @@ def test_checkpoint_loads_and_answers_through_infer(base_run, data):
                            "How many shapes are there?", "--model", str(base_run), "--max-new-tokens", "3"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    # the exported (fused) model computes what the training-form model computed
-    trained, tok = T.model_from_state(state(base_run), base_run)
+
+
+@pytest.mark.inference
+def test_exported_model_computes_what_the_trained_model_computed(base_run, data):
+    """The exported folder (encoder fused, BatchNorm folded on load) against the training-form model it
+    came from: first-step logits elementwise, and 12 greedy tokens decoded past any stop token (after one
+    step both models answer the stop token first, so comparing answer texts would compare two empty
+    strings)."""
+    from tolerance import assert_close
+
+    exported, tokenizer, _ = FV.FastVLM.from_pretrained(base_run)
+    trained, _ = T.model_from_state(state(base_run), base_run)
     trained.eval()
     image = FV.load_image(data / "images" / "heldout_000000.png")
-    a = FV.Chat(model, tokenizer, image).ask("How many shapes are there?", max_new_tokens=5)
-    b = FV.Chat(trained, tok, image).ask("How many shapes are there?", max_new_tokens=5)
-    assert a == b
+    ids = FV.tokenize_with_image(tokenizer, FV.first_turn("How many shapes are there?"))
+    pixels = FV.preprocess(image, exported.image_size)[None]
+    runs = []
+    for model in (exported, trained):
+        embeds = model.embed(ids, model.encode_image(pixels))
+        logits = model.llm(embeds=embeds)[0, -1]
+        model.llm.setup_cache(embeds.shape[1] + 12)
+        tokens, _ = qwen2.generate(model.llm, embeds=embeds, max_new_tokens=12, stop_ids=())
+        runs.append((logits, tokens))
+    (a, tokens_a), (b, tokens_b) = runs
+    assert_close(a, b, rtol=1e-4, atol=1e-4, what="exported vs trained logits", min_std=0.1)
+    assert tokens_a == tokens_b and len(tokens_a) == 12
+
+
+def test_tied_export_writes_no_head_and_untied_does(base_run):
+    """Official tied checkpoints store no `lm_head.weight` (save_pretrained drops the tied copy); an
+    untied model must write its own head, or the reloaded model would tie what was trained apart."""
+    model, _ = T.model_from_state(state(base_run), base_run)
+    assert model.llm.cfg.tie_word_embeddings
+    tied = T.export_tensors(model)
+    assert "lm_head.weight" not in tied and "model.embed_tokens.weight" in tied
+    untied_cfg = qwen2.Qwen2Config(**{**model.llm.cfg.__dict__, "tie_word_embeddings": False})
+    untied = FV.FastVLM(model.vision_tower.cfg, untied_cfg, fused=False)
+    untied.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        untied.llm.lm_head.weight.mul_(2)
+    out = T.export_tensors(untied)
+    assert torch.equal(out["lm_head.weight"], 2 * out["model.embed_tokens.weight"])
 
 
 # --- bad input -------------------------------------------------------------------------------------------
@@ -231,9 +261,9 @@ def test_long_samples_are_truncated_and_counted(capsys, data, tmp_path):
 
 # --- the shipped model ------------------------------------------------------------------------------------
 
+@pytest.mark.inference
 def test_shipped_tiny_model_reads_the_image():
     model, tokenizer, _ = FV.FastVLM.from_pretrained(ROOT / "models" / "fastvlm-tiny")
-    torch.set_grad_enabled(False)
     seen, per_type, _ = shapes_data.evaluate(model, tokenizer, samples=200, seed=2024, progress=False)
     blind, _, _ = shapes_data.evaluate(model, tokenizer, samples=200, seed=2024, blind=True, progress=False)
     assert seen >= 0.90, per_type

@@ -1,0 +1,243 @@
+"""Do the tests catch real bugs? Plant plausible one-line bugs, one at a time, and run the tests that
+should notice.
+
+    python tools/mutants.py               # every mutant (about 15-25 minutes on 2 cores)
+    python tools/mutants.py --list        # the mutants and the tests each one runs
+    python tools/mutants.py rope_start    # some of them, by name
+
+Each mutant replaces one exact piece of code in one file of a temporary copy of the checkout, runs
+its tests there (hypothesis derandomized, stopping at the first failure) and restores the file. The
+table at the end says which were caught; the exit status is 0 only when every mutant was caught and
+every unmutated test run passed.
+
+Every pattern must occur exactly once in its file. When a refactor moves or rewrites the code, the
+pattern stops matching and this script fails loudly, naming the mutant: re-anchor it on the new code
+(same bug, new text) rather than deleting it. This is an on-demand check, not part of the suite.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    before: str          # must occur exactly once in `file`
+    after: str
+    tests: tuple         # pytest node ids or files, relative to the checkout
+    why: str = ""        # the bug it stands for
+
+
+FASTVLM, REPMIXER, QWEN2 = "tests/test_fastvlm.py", "tests/test_repmixer.py", "tests/test_qwen2.py"
+E2E = FASTVLM + "::test_matches_independent_pipeline"
+TIMM = REPMIXER + "::test_matches_timm_reference_at_256_and_1024"
+PREPROCESS = FASTVLM + "::test_preprocessing_equals_official_image_processor"
+PROPERTIES = (REPMIXER + "::test_mobileone_block_fuses_exactly", REPMIXER + "::test_large_kernel_conv_fuses_exactly",
+              REPMIXER + "::test_repmixer_fuses_exactly", REPMIXER + "::test_repcpe_fuses_exactly",
+              REPMIXER + "::test_convffn_fuses_exactly", REPMIXER + "::test_small_encoder_fuses_exactly")
+HF = (QWEN2 + "::test_tiny_tied_matches_transformers", QWEN2 + "::test_tiny_untied_matches_transformers")
+
+MUTANTS = [
+    # --- preprocessing -------------------------------------------------------------------------------
+    Mutant("resize_filter", "fastvlm.py", "img = expand_to_square(img).resize((size, size), Image.BICUBIC)",
+           "img = expand_to_square(img).resize((size, size), Image.BILINEAR)", (PREPROCESS,),
+           "bilinear where CLIP's processor resizes bicubic"),
+    Mutant("scale_by_reciprocal", "fastvlm.py", "x = np.asarray(img, dtype=np.float32) / np.float32(255.0)",
+           "x = np.asarray(img, dtype=np.float32) * np.float32(1 / 255.0)", (PREPROCESS,),
+           "x * (1/255) is not the correctly rounded x / 255 for every byte"),
+    Mutant("pad_corner", "fastvlm.py", "canvas.paste(img, ((side - w) // 2, (side - h) // 2))",
+           "canvas.paste(img, (0, 0))", (PREPROCESS,), "image pasted in the corner instead of centred"),
+    # --- the encoder -----------------------------------------------------------------------------------
+    Mutant("mobileone_tanh_gelu", "repmixer.py", "self.act = nn.GELU() if activation else nn.Identity()",
+           'self.act = nn.GELU(approximate="tanh") if activation else nn.Identity()',
+           ("tests/test_onednn.py", TIMM), "GELU in its tanh form in the stem/downsample/expansion blocks"),
+    Mutant("bn_fold_without_eps", "repmixer.py", "scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)",
+           "scale = bn.weight / torch.sqrt(bn.running_var)", PROPERTIES, "BatchNorm folded without its eps"),
+    Mutant("pad_kernel_one_side", "repmixer.py", "return F.pad(kernel, [p, p, p, p])",
+           "return F.pad(kernel, [0, 2 * p, 0, 2 * p])", PROPERTIES, "small kernel padded off-centre"),
+    Mutant("repmixer_norm_unscaled", "repmixer.py",
+           "return x + self.layer_scale * (self.mixer(x) - self.norm(x))",
+           "return x + self.layer_scale * self.mixer(x) - self.norm(x)", PROPERTIES,
+           "RepMixer's layer scale applied to the mixer only"),
+    Mutant("repcpe_fold_drops_identity", "repmixer.py",
+           "return self.pe.weight + identity_kernel(dim, dim, self.kernel_size, self.pe.weight), self.pe.bias",
+           "return self.pe.weight, self.pe.bias", PROPERTIES, "positional encoding folded without its residual"),
+    Mutant("large_kernel_no_gelu", "repmixer.py",
+           "            return onednn.conv_gelu(x, self.fused)              # GELU(conv(x)) in one pass on CPU\n"
+           "        return self.act(self.large(x) + self.small(x))",
+           "            return self.fused(x)\n        return self.act(self.large(x) + self.small(x))",
+           (TIMM,), "downsampling conv without its GELU in the fused form"),
+    Mutant("convffn_no_gelu", "repmixer.py", "h = onednn.conv_gelu(x, self.fc1)", "h = self.fc1(x)",
+           (TIMM,), "ConvFFN without its activation"),
+    Mutant("repmixer_block_residual", "repmixer.py",
+           "        x = self.token_mixer(x)\n        return self.convffn(x, residual=x, layer_scale=self.layer_scale)",
+           "        return self.convffn(self.token_mixer(x), residual=x, layer_scale=self.layer_scale)",
+           (TIMM,), "ConvFFN residual taken from before the token mixer"),
+    Mutant("attention_layer_scales_swapped", "repmixer.py",
+           "x = torch.addcmul(x, self.layer_scale_1, self.token_mixer(self.norm(x)))",
+           "x = torch.addcmul(x, self.layer_scale_2, self.token_mixer(self.norm(x)))",
+           (TIMM,), "attention branch scaled by the FFN's layer scale"),
+    Mutant("mhsa_q_k_swapped", "repmixer.py", "q, k, v = qkv.permute(2, 0, 3, 1, 4)",
+           "k, q, v = qkv.permute(2, 0, 3, 1, 4)", (TIMM,), "query and key halves of qkv swapped"),
+    Mutant("se_gelu_instead_of_relu", "repmixer.py", "s = torch.sigmoid(self.expand(F.relu(self.reduce(s))))",
+           "s = torch.sigmoid(self.expand(F.gelu(self.reduce(s))))", (TIMM,),
+           "squeeze-excite of the final expansion with the wrong activation"),
+    Mutant("expansion_act_before_se", "repmixer.py", "return self.act(self.se(y))", "return self.se(self.act(y))",
+           (TIMM,), "final expansion: GELU before the squeeze-excite gate instead of after"),
+    # --- projector and tokens -------------------------------------------------------------------------
+    Mutant("projector_tanh_gelu", "fastvlm.py",
+           "nn.Sequential(onednn.Linear(vision_cfg.out_channels, d), nn.GELU(), onednn.Linear(d, d))",
+           'nn.Sequential(onednn.Linear(vision_cfg.out_channels, d), nn.GELU(approximate="tanh"), '
+           'onednn.Linear(d, d))', (E2E + "[tied]",), "projector GELU in its tanh form"),
+    Mutant("tokens_column_major", "repmixer.py", "return features.permute(0, 2, 3, 1).reshape(B, h * w, C)",
+           "return features.permute(0, 3, 2, 1).reshape(B, h * w, C)", (TIMM, E2E + "[tied]"),
+           "feature map flattened column by column"),
+    # --- the decoder -----------------------------------------------------------------------------------
+    Mutant("rope_rotates_backwards", "qwen2.py", "rotated = torch.cat([-x2, x1], dim=-1)",
+           "rotated = torch.cat([x2, -x1], dim=-1)", HF, "RoPE rotation of the wrong sign"),
+    Mutant("rope_ignores_start", "qwen2.py", "cos = self.rope_cos[start:start + T].to(x.dtype)",
+           "cos = self.rope_cos[:T].to(x.dtype)", (QWEN2 + "::test_cached_prefill_and_decode_equal_one_full_forward",),
+           "decode steps rotated as if at position 0"),
+    Mutant("cache_returns_new_only", "qwen2.py", "return self.k[:, :, :end], self.v[:, :, :end]",
+           "return self.k[:, :, start:end], self.v[:, :, start:end]",
+           (QWEN2 + "::test_cached_prefill_and_decode_equal_one_full_forward",), "attention sees only new tokens"),
+    Mutant("cache_growth_drops_values", "qwen2.py",
+           "new.k[:, :, :keep], new.v[:, :, :keep] = old.k[:, :, :keep], old.v[:, :, :keep]",
+           "new.k[:, :, :keep] = old.k[:, :, :keep]", (QWEN2 + "::test_growing_the_cache_keeps_what_it_holds",),
+           "a growing cache keeps the keys but not the values"),
+    Mutant("no_causal_mask", "qwen2.py", "is_causal=(T > 1 and start == 0)", "is_causal=False",
+           (QWEN2 + "::test_causality_later_tokens_never_change_earlier_logits",), "prefill without a causal mask"),
+    Mutant("plain_mask_off_by_one", "qwen2.py", ".tril(diagonal=S - T)", ".tril(diagonal=S - T + 1)",
+           (QWEN2 + "::test_sdpa_and_plain_attention_agree",), "each position sees one token ahead"),
+    Mutant("tied_head_not_tied", "qwen2.py",
+           "            self.lm_head.weight = self.embed_tokens.weight       # one tensor, two names",
+           "            pass", (QWEN2 + "::test_a_freshly_built_tied_model_shares_one_tensor",),
+           "a new tied model trains two tensors (only the loader re-ties)"),
+    Mutant("tied_export_writes_head", "train.py", "if llm.lm_head.weight is not llm.embed_tokens.weight:",
+           "if True:", ("tests/test_train.py::test_tied_export_writes_no_head_and_untied_does",),
+           "a tied model exported with a duplicate lm_head.weight"),
+    # --- tokenizer and prompt --------------------------------------------------------------------------
+    Mutant("tokenizer_without_nfc", "qwen2.py", "tok.normalizer = normalizers.NFC()", "tok.normalizer = None",
+           (QWEN2 + "::test_tokenizer_ids_equal_transformers",), "text tokenized without NFC"),
+    Mutant("digits_grouped", "qwen2.py", r"""|\p{N}| ?[^\s\p{L}\p{N}]+""", r"""|\p{N}+| ?[^\s\p{L}\p{N}]+""",
+           (QWEN2 + "::test_tokenizer_ids_equal_transformers",), "numbers split into runs, not single digits"),
+    Mutant("system_prompt", "fastvlm.py", 'SYSTEM = "<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n"',
+           'SYSTEM = "<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n"',
+           (FASTVLM + "::test_prompt_ids_equal_transformers_tokenizer",), "system prompt off by a full stop"),
+    Mutant("follow_up_without_end", "fastvlm.py", "return END + USER + question + END + ASSISTANT",
+           "return USER + question + END + ASSISTANT",
+           (FASTVLM + "::test_follow_up_turns_follow_the_qwen_2_template",),
+           "a follow-up turn that does not close the answer before it"),
+    # --- sampling options -------------------------------------------------------------------------------
+    Mutant("temperature_ignored", "infer.py", "max_new_tokens=args.max_new_tokens, temperature=args.temperature,",
+           "max_new_tokens=args.max_new_tokens, temperature=0.0,",
+           ("tests/test_infer.py::test_greedy_is_deterministic_and_sampling_is_seeded",), "--temperature ignored"),
+    Mutant("top_p_drops_boundary", "qwen2.py", "drop = sorted_p.cumsum(-1) - sorted_p >= top_p",
+           "drop = sorted_p.cumsum(-1) >= top_p", (QWEN2 + "::test_sample_top_p_keeps_the_nucleus_only",),
+           "the token that crosses top_p is dropped from the nucleus"),
+    # --- checkpoint loading -----------------------------------------------------------------------------
+    Mutant("missing_tensor_ignored", "checkpoint.py",
+           "        if name not in tensors and id(target) not in filled:",
+           "        if False:", (REPMIXER + "::test_loader_names_the_bad_key", QWEN2 + "::test_loader_names_the_bad_key"),
+           "a tensor missing from the file leaves a parameter uninitialised, silently"),
+]
+
+
+def checkout_copy(dest):
+    """The files git tracks (and untracked, not ignored ones) as they are in the working tree."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def run_tests(where, tests, timeout):
+    env = {**os.environ, "HYPOTHESIS_PROFILE": "ci", "PYTHONDONTWRITEBYTECODE": "1"}
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                              cwd=where, capture_output=True, text=True, timeout=timeout, env=env)
+        code, tail = proc.returncode, (proc.stdout + proc.stderr)[-2000:]
+    except subprocess.TimeoutExpired:
+        code, tail = -1, "timed out"
+    return code, tail, time.perf_counter() - start
+
+
+def check_anchors(mutants):
+    problems = []
+    for m in mutants:
+        count = (ROOT / m.file).read_text().count(m.before)
+        if count != 1:
+            problems.append(f"{m.name}: its pattern occurs {count} times in {m.file}; re-anchor it on the code")
+    return problems
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("names", nargs="*", help="run only these mutants")
+    p.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")
+    p.add_argument("--timeout", type=int, default=600, help="seconds per test run")
+    args = p.parse_args(argv)
+    known = {m.name: m for m in MUTANTS}
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        p.error(f"unknown mutant {unknown[0]!r}; see --list")
+    mutants = [known[n] for n in args.names] if args.names else MUTANTS
+    if args.list:
+        for m in mutants:
+            print(f"{m.name:32s} {m.file:14s} {m.why}\n{'':47s}{' '.join(m.tests)}")
+        return 0
+    problems = check_anchors(mutants)
+    if problems:
+        print("\n".join(f"error: {line}" for line in problems), file=sys.stderr)
+        return 2
+
+    with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
+        where = Path(tmp)
+        checkout_copy(where)
+        tests = sorted({t for m in mutants for t in m.tests})
+        print(f"unmutated: running the {len(tests)} selected tests once ...", flush=True)
+        code, tail, seconds = run_tests(where, tests, args.timeout * 3)
+        if code != 0:
+            print(f"error: the selected tests fail without any mutant ({seconds:.0f} s):\n{tail}", file=sys.stderr)
+            return 2
+        print(f"unmutated: pass ({seconds:.0f} s)\n", flush=True)
+        rows = []
+        for i, m in enumerate(mutants, start=1):
+            path = where / m.file
+            original = path.read_text()
+            path.write_text(original.replace(m.before, m.after, 1))
+            try:
+                code, tail, seconds = run_tests(where, m.tests, args.timeout)
+            finally:
+                path.write_text(original)
+            verdict = {0: "NOT CAUGHT", 1: "caught"}.get(code, f"error (exit {code})")
+            rows.append((m, verdict, seconds))
+            print(f"[{i}/{len(mutants)}] {m.name}: {verdict} ({seconds:.0f} s)", flush=True)
+            if code not in (0, 1):
+                print("    " + tail.strip().replace("\n", "\n    ")[-1200:], flush=True)
+
+    print("\n| mutant | file | the bug | caught by | result |\n|---|---|---|---|---|")
+    for m, verdict, _ in rows:
+        shown = ", ".join(t.split("::")[-1] if "::" in t else t for t in m.tests)
+        print(f"| `{m.name}` | {m.file} | {m.why} | {shown} | {verdict} |")
+    caught = sum(v == "caught" for _, v, _ in rows)
+    print(f"\n{caught} of {len(rows)} mutants caught")
+    return 0 if caught == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
