@@ -12,11 +12,17 @@ prefill: everything before the first decode step. `Chat` records each part.
 
 `FastVLM.from_pretrained(folder)` reads an official checkpoint folder (Apple's
 `llava-fastvithd_*` or the `apple/FastVLM-*` repos: config.json, safetensors, slow-tokenizer files)
-or one written by train.py, with every tensor consumed and every parameter filled.
+or one written by train.py, with every tensor consumed and every parameter filled. All reading of
+model folders lives in this file: the config, the official tensor names of both halves, the tokenizer
+files. For CPU inference it then applies speedups.py's one step, which swaps modules for faster
+kernels without changing a parameter (`fast=False` keeps the plain model).
 """
 
+import json
+import re
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +30,9 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageOps
 
-import onednn
-import repmixer
 import qwen2
+import repmixer
+import speedups
 from checkpoint import CheckpointError, load_exact, read_safetensors
 
 # The `qwen_2` conversation template of Apple's llava/conversation.py.
@@ -35,6 +41,7 @@ USER, ASSISTANT, END = "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_en
 IMAGE = "<image>"
 IMAGE_TOKEN_INDEX = -200          # the placeholder id of <image> in input_ids (llava/constants.py)
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+VISION_PREFIX = "model.vision_tower.vision_tower.model."   # Apple's MobileCLIP wrapper around FastViTHD
 PROJECTOR_PREFIX = "model.mm_projector."
 
 
@@ -108,13 +115,26 @@ def next_turn(question):
 
 
 def tokenize_with_image(tokenizer, text):
-    """Token ids of `text`, each <image> replaced by IMAGE_TOKEN_INDEX (pieces tokenized separately)."""
+    """Token ids of `text`, each <image> replaced by IMAGE_TOKEN_INDEX (pieces tokenized separately).
+
+    For text whose <image> markers are meant as such: the template, and training data."""
     ids = []
     for i, piece in enumerate(text.split(IMAGE)):
         if i:
             ids.append(IMAGE_TOKEN_INDEX)
         ids.extend(tokenizer.encode(piece))
     return ids
+
+
+def turn_ids(tokenizer, question, first):
+    """Token ids of one user turn (the first with the system prompt and the image placeholder).
+
+    User text is only text: the placeholder goes where the template puts it, and an `<image>` typed in
+    the question is tokenized as the characters it is. For any other question the ids equal
+    `tokenize_with_image(tokenizer, first_turn(question))` (or `next_turn` for a follow-up)."""
+    if not first:
+        return tokenizer.encode(next_turn(question))
+    return tokenizer.encode(SYSTEM + USER) + [IMAGE_TOKEN_INDEX] + tokenizer.encode("\n" + question + END + ASSISTANT)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,29 +147,40 @@ class FastVLM(nn.Module):
         self.vision_tower = repmixer.FastViTHD(vision_cfg, fused=fused)
         d = llm_cfg.hidden_size
         # `mlp2x_gelu`: two linear layers with a GELU between (LLaVA-1.5's connector)
-        self.mm_projector = nn.Sequential(onednn.Linear(vision_cfg.out_channels, d), nn.GELU(), onednn.Linear(d, d))
+        self.mm_projector = nn.Sequential(nn.Linear(vision_cfg.out_channels, d), nn.GELU(), nn.Linear(d, d))
         self.llm = qwen2.Qwen2(llm_cfg)
 
     @property
     def image_size(self):
         return self.vision_tower.cfg.image_size
 
-    def encode_image(self, pixels):
-        """(B, 3, S, S) -> (B, (S/64)^2, d): visual tokens in the LLM's embedding space."""
-        return self.mm_projector(repmixer.to_tokens(self.vision_tower(channels_last(pixels))))
+    def encode_image(self, pixels, timing=None):
+        """(B, 3, S, S) -> (B, (S/64)^2, d): visual tokens in the LLM's embedding space.
+
+        Inference and training both encode here; `timing` (a Timing) records the encoder and projector.
+        """
+        features = self.vision_tower(pixels)                    # (B, 3072, S/64, S/64)
+        if timing is not None:
+            timing.lap("encoder")
+        embeds = self.mm_projector(repmixer.to_tokens(features))  # (B, (S/64)^2, 3072) -> (B, (S/64)^2, d)
+        if timing is not None:
+            timing.lap("projector")
+        return embeds
+
+    def splice(self, ids, image_embeds=None):
+        """(T,) ids with at most one IMAGE_TOKEN_INDEX -> (T - 1 + N, d): the N image tokens stand where
+        the placeholder stood, every other id is embedded. The one splice of inference and training."""
+        at = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+        if len(at) > (0 if image_embeds is None else 1):
+            raise ValueError("one image per conversation: the prompt has more <image> markers than images")
+        if not at:
+            return self.llm.embed_tokens(ids)
+        return torch.cat([self.llm.embed_tokens(ids[:at[0]]), image_embeds, self.llm.embed_tokens(ids[at[0] + 1:])])
 
     def embed(self, ids, image_embeds=None):
-        """(T,) ids with IMAGE_TOKEN_INDEX placeholders -> (1, T', d) embeddings with the image spliced in."""
+        """A prompt's ids (list or (T,)) and the image's (1, N, d) embeddings -> (1, T', d) for the LLM."""
         ids = torch.as_tensor(ids, device=self.llm.device)
-        pieces, begin = [], 0
-        image_positions = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
-        if len(image_positions) > (0 if image_embeds is None else 1):
-            raise ValueError("one image per conversation: the prompt has more <image> markers than images")
-        for p in image_positions:
-            pieces += [self.llm.embed_tokens(ids[begin:p]), image_embeds[0]]
-            begin = p + 1
-        pieces.append(self.llm.embed_tokens(ids[begin:]))
-        return torch.cat(pieces, dim=0)[None]
+        return self.splice(ids, None if image_embeds is None else image_embeds[0])[None]
 
     def forward(self, pixels, ids, labels=None):
         """Training forward over a batch with one image per sequence.
@@ -159,33 +190,35 @@ class FastVLM(nn.Module):
         the same length (-100 on the N image positions), where N = image tokens per image.
         """
         image_embeds = self.encode_image(pixels)                          # (B, N, d)
-        embeds, spread = [], []
-        for b in range(ids.shape[0]):
-            at = int((ids[b] == IMAGE_TOKEN_INDEX).nonzero()[0])
-            e = self.llm.embed_tokens(ids[b].clamp(min=0))                # placeholder embedded, then cut
-            embeds.append(torch.cat([e[:at], image_embeds[b], e[at + 1:]]))
-            if labels is not None:
-                hole = labels.new_full((image_embeds.shape[1],), -100)
-                spread.append(torch.cat([labels[b, :at], hole, labels[b, at + 1:]]))
-        logits = self.llm(embeds=torch.stack(embeds))
-        return logits, (torch.stack(spread) if labels is not None else None)
+        embeds = torch.stack([self.splice(row, image) for row, image in zip(ids, image_embeds)])
+        logits = self.llm(embeds=embeds)
+        if labels is None:
+            return logits, None
+        spread = []
+        for row, lab in zip(ids, labels):                                 # the same splice, for labels
+            at = int((row == IMAGE_TOKEN_INDEX).nonzero()[0])
+            spread.append(torch.cat([lab[:at], lab.new_full((image_embeds.shape[1],), -100), lab[at + 1:]]))
+        return logits, torch.stack(spread)
 
     @classmethod
-    def from_pretrained(cls, folder, device="cpu", dtype=torch.float32, fold_batchnorm=True):
+    def from_pretrained(cls, folder, device="cpu", dtype=torch.float32, fold_batchnorm=True, fast=True):
         """(model, tokenizer, config dict) from a FastVLM folder; see the module docstring.
 
-        The vision tower arrives in the official stored form (branches fused, ConvFFN BatchNorm kept);
-        for inference the BatchNorm is folded too, train.py keeps it (`fold_batchnorm=False`).
+        The vision tower arrives in the official stored form (branches fused, ConvFFN BatchNorm kept).
+        For inference the BatchNorm is folded too, then speedups.apply() swaps in the faster kernels
+        (unless `fast=False`); train.py keeps the stored form and the plain modules (`fold_batchnorm=False`,
+        which also leaves out the speed step: a model to train stays plain, whatever `fast` says).
         """
         folder = Path(folder)
         if not folder.is_dir():
-            raise CheckpointError(f"model folder not found: {folder}")
-        config = qwen2.read_config(folder)
+            kind = "a file, not a folder" if folder.exists() else "not found"
+            raise CheckpointError(f"model folder {kind}: {folder}")
+        config = read_config(folder)
         vision_cfg = vision_config(config)
         llm_cfg = qwen2.Qwen2Config.from_dict(config)
-        tokenizer = qwen2.Tokenizer(folder)
+        tokenizer = load_tokenizer(folder)
         tensors = read_safetensors(folder, dtype=dtype)
-        vision = {k: v for k, v in tensors.items() if k.startswith(repmixer.OFFICIAL_PREFIX)}
+        vision = {k: v for k, v in tensors.items() if k.startswith(VISION_PREFIX)}
         projector = {k[len(PROJECTOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(PROJECTOR_PREFIX)}
         llm = {k: v for k, v in tensors.items() if k not in vision and not k.startswith(PROJECTOR_PREFIX)}
         if config.get("mm_hidden_size", vision_cfg.out_channels) != vision_cfg.out_channels:
@@ -194,18 +227,31 @@ class FastVLM(nn.Module):
         with torch.device("meta"):                          # shapes only; every tensor is filled below
             model = cls(vision_cfg, llm_cfg)
         model.vision_tower = model.vision_tower.to_empty(device="cpu").to(dtype)
-        repmixer.load_official(model.vision_tower, vision)
-        if fold_batchnorm:                                 # fold the ConvFFN BatchNorms, channels-last
-            model.vision_tower.optimize_for_inference()
+        load_official(model.vision_tower, vision)
         model.mm_projector = model.mm_projector.to_empty(device="cpu").to(dtype)
         load_exact(model.mm_projector, projector, where="projector")
-        model.llm = qwen2.load_llm(llm_cfg, llm, dtype=dtype)
-        return model.to(device).eval(), tokenizer, config
+        model.llm = load_llm(llm_cfg, llm, dtype=dtype)
+        model = model.to(device).eval()
+        if fold_batchnorm:
+            model.vision_tower.reparameterize()             # the ConvFFN BatchNorms fold into their convs
+            if fast:
+                speedups.apply(model)
+        return model, tokenizer, config
 
 
-def channels_last(pixels):
-    """Images in the memory layout of the inference encoder (see FastViTHD.optimize_for_inference)."""
-    return pixels.contiguous(memory_format=torch.channels_last)
+# ----------------------------------------------------------------------------------------------------
+# Reading model folders: config.json, official tensor names, the tokenizer files.
+# ----------------------------------------------------------------------------------------------------
+
+def read_config(folder):
+    """config.json of a model folder, the one place it is read."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no config.json; point at a model folder")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it") from None
 
 
 def vision_config(config):
@@ -214,8 +260,10 @@ def vision_config(config):
     Folders written by train.py for small models add a `fastvithd` entry with the full config.
     """
     if "fastvithd" in config:
-        c = config["fastvithd"]
-        return repmixer.FastViTHDConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()})
+        try:
+            return repmixer.FastViTHDConfig.from_dict(config["fastvithd"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"config.json: the 'fastvithd' entry is not a valid config ({e})") from None
     tower = config.get("mm_vision_tower", "")
     if not tower.startswith("mobileclip_l_"):
         raise CheckpointError(f"config.json: vision tower {tower!r} is not supported (expected mobileclip_l_<size>)")
@@ -225,12 +273,188 @@ def vision_config(config):
     return repmixer.FastViTHDConfig(image_size=int(tower.rsplit("_", 1)[1]))
 
 
+def official_network_layout(cfg):
+    """Apple's flat `network` list -> (stage, part) for each index: blocks, [downsample], [cpe], blocks, ..."""
+    layout = []
+    for i, mixer in enumerate(cfg.mixers):
+        if i > 0:
+            layout.append((i, "downsample"))
+        if mixer == "attention":
+            layout.append((i, "cpe"))
+        layout.append((i, "blocks"))
+    return layout
+
+
+# (official, ours) fragments of vision-tower names. A leading ^ anchors at the start of the name. Order
+# matters: the downsampling patterns come before the generic `reparam_conv` <-> `fused`, both ways.
+_RENAMES = [
+    ("^patch_embed.", "^stem."),
+    ("^conv_exp.", "^expand."),
+    ("downsample.proj.0.lkb_reparam.", "downsample.spatial.fused."),
+    ("downsample.proj.1.reparam_conv.", "downsample.pointwise.fused."),
+    ("convffn.conv.conv.", "convffn.local.conv."),
+    ("convffn.conv.bn.", "convffn.local.bn."),
+    ("reparam_conv.", "fused."),
+]
+UNUSED_OFFICIAL = ("head.",)  # MobileCLIP's projection head: computed by Apple's forward, never used
+
+
+def _rename(key, to_ours):
+    for official, ours in _RENAMES:
+        src, dst = (official, ours) if to_ours else (ours, official)
+        if src.startswith("^"):
+            if key.startswith(src[1:]):
+                key = dst[1:] + key[len(src) - 1:]
+        else:
+            key = key.replace(src, dst, 1)
+    return key
+
+
+def official_key(key, cfg=repmixer.FASTVITHD):
+    """Our parameter name for an official vision-tower key (prefix removed); None for the unused head.
+
+    e.g. `network.7.0.token_mixer.qkv.weight` -> `stages.3.blocks.0.token_mixer.qkv.weight`.
+    """
+    if key.startswith(UNUSED_OFFICIAL):
+        return None
+    m = re.match(r"network\.(\d+)\.(.*)", key)
+    if m:
+        layout = official_network_layout(cfg)
+        if int(m.group(1)) >= len(layout):
+            raise CheckpointError(f"vision tower: unexpected tensor '{key}': this config has no network.{m.group(1)}")
+        stage, part = layout[int(m.group(1))]
+        key = f"stages.{stage}.{part}.{m.group(2)}"
+    return _rename(key, to_ours=True)
+
+
+def to_official_key(key, cfg=repmixer.FASTVITHD):
+    """The inverse of official_key: our name -> Apple's (prefix not added), for writing checkpoints."""
+    key = _rename(key, to_ours=False)
+    m = re.match(r"stages\.(\d+)\.(downsample|cpe|blocks)\.(.*)", key)
+    if m:
+        index = official_network_layout(cfg).index((int(m.group(1)), m.group(2)))
+        key = f"network.{index}.{m.group(3)}"
+    return key
+
+
+def is_official_form(encoder):
+    """Every branch merged except the ConvFFN BatchNorm: the layout of Apple's stored checkpoints."""
+    blocks = [m for m in encoder.modules() if isinstance(m, repmixer.Reparameterizable)]
+    return all(m.is_fused != isinstance(m, repmixer.ConvFFN) for m in blocks)
+
+
+def load_official(encoder, tensors, prefix=VISION_PREFIX):
+    """Load official vision-tower tensors (full checkpoint names) into a fused-form FastViTHD.
+
+    Only keys under `prefix` are considered; `head.*` is dropped by name; everything else must map
+    onto a parameter or buffer with the same shape, and every parameter and buffer must be filled.
+    """
+    if not is_official_form(encoder):
+        raise ValueError("official checkpoints are stored fused with the ConvFFN BatchNorm kept: "
+                         "load into FastViTHD(cfg, fused=True) before calling reparameterize()")
+    file_names = {name: prefix + to_official_key(name, encoder.cfg) for name in encoder.state_dict()}
+    ours = {}
+    for name, value in tensors.items():
+        if not name.startswith(prefix):
+            continue
+        mapped = official_key(name[len(prefix):], encoder.cfg)
+        if mapped is not None:
+            ours[mapped], file_names[mapped] = value, name
+    if not ours:
+        raise CheckpointError(f"no vision-tower tensors under '{prefix}': not a FastVLM checkpoint")
+    load_exact(encoder, ours, where="vision tower", file_names=file_names)
+    return encoder
+
+
+def load_llm(cfg, tensors, dtype=None, device="cpu"):
+    """Build a Qwen2 for `cfg` and fill it from HF-named tensors (`model.layers.0...`, `lm_head.weight`).
+
+    The head is tied when the file has no `lm_head.weight`, whatever config.json says (Apple notes that
+    some exported checkpoints' flag disagrees with their files).
+    """
+    untied = "lm_head.weight" in tensors
+    cfg = qwen2.Qwen2Config(**{**cfg.__dict__, "tie_word_embeddings": not untied})
+    with torch.device("meta"):                              # no time spent on a random init
+        model = qwen2.Qwen2(cfg)
+    model = model.to_empty(device=device)                   # every tensor is filled below
+    if dtype is not None:
+        model = model.to(dtype)
+    if not untied:                                          # to_empty() made two tensors of the tied one
+        model.lm_head.weight = model.embed_tokens.weight
+    ours = {name.removeprefix("model."): value for name, value in tensors.items()}
+    file_names = {name: name if name.startswith("lm_head.") else "model." + name for name in model.state_dict()}
+    load_exact(model, ours, where="language model",
+               file_names={**file_names, **{name.removeprefix("model."): name for name in tensors}})
+    model.build_rope(4096, device)                          # computed tables (to_empty left them unset)
+    return model.eval()
+
+
+def load_qwen2(folder, dtype=None, device="cpu"):
+    """An HF-format Qwen2 folder (config.json + model.safetensors, or shards with an index), e.g. the
+    language model a new FastVLM starts from (train.py --init-llm)."""
+    return load_llm(qwen2.Qwen2Config.from_dict(read_config(folder)), read_safetensors(folder, dtype=dtype),
+                    dtype, device)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json",
+                   "tokenizer_config.json")
+
+
+def load_tokenizer(folder):
+    """Qwen2's tokenizer from a model folder: `tokenizer.json`, or the slow tokenizer's `vocab.json` +
+    `merges.txt` (+ `added_tokens.json`) that the official LLaVA checkpoints ship."""
+    folder = Path(folder)
+    try:
+        if (folder / "tokenizer.json").is_file():
+            tokenizer = qwen2.Tokenizer.from_json((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            merges = []
+            for line in (folder / "merges.txt").read_text(encoding="utf-8").splitlines():
+                line = line.rstrip("\r")               # some copies ship CRLF line endings
+                if line and not line.startswith("#version"):
+                    merges.append(tuple(line.split(" ")))
+            specials = dict(qwen2.SPECIAL_TOKENS)
+            if (folder / "added_tokens.json").is_file():
+                specials.update(json.loads((folder / "added_tokens.json").read_text(encoding="utf-8")))
+            tokenizer = qwen2.Tokenizer.from_vocab(vocab, merges, specials)
+        else:
+            raise CheckpointError(f"{folder} has no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
+    except CheckpointError:
+        raise
+    except qwen2.TokenizerMismatch as e:
+        raise CheckpointError(f"{folder}: {e}: not the Qwen2 tokenizer this model needs") from None
+    except Exception as e:  # json and the tokenizers library raise their own types for damaged files
+        raise CheckpointError(f"{folder}: the tokenizer files are not readable ({e}); re-download them") from None
+    tokenizer.source_folder = folder                    # save_tokenizer copies these files as they are
+    return tokenizer
+
+
+def save_tokenizer(tokenizer, folder):
+    """Write the tokenizer into a model folder: the files it was read from, as they were, or tokenizer.json."""
+    folder = Path(folder)
+    source = getattr(tokenizer, "source_folder", None)
+    copied = [shutil.copy(source / f, folder / f) for f in TOKENIZER_FILES
+              if source is not None and (source / f).is_file()]
+    if not copied:
+        tokenizer.tok.save(str(folder / "tokenizer.json"))
+
+
 # ----------------------------------------------------------------------------------------------------
 # A conversation about one image, reusing the KV cache across turns.
 # ----------------------------------------------------------------------------------------------------
 
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 @dataclass
 class Timing:
+    """Seconds spent in each part of a turn. `start(device)`, then `lap(part)` after each part: the time
+    since the previous lap goes to that part (after waiting for the device to finish its queued work)."""
     preprocess: float = 0.0
     encoder: float = 0.0
     projector: float = 0.0
@@ -238,17 +462,23 @@ class Timing:
     prompt_tokens: int = 0
     decode: float = 0.0
     new_tokens: int = 0
+    _device: torch.device = field(default=None, repr=False)
+    _last: float = field(default=0.0, repr=False)
+
+    def start(self, device):
+        self._device, self._last = device, time.perf_counter()
+
+    def lap(self, part):
+        if self._device is None:
+            raise ValueError("Timing.lap() before Timing.start(device)")
+        synchronize(self._device)
+        now = time.perf_counter()
+        setattr(self, part, getattr(self, part) + now - self._last)
+        self._last = now
 
     @property
     def ttft(self):
         return self.preprocess + self.encoder + self.projector + self.prefill
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 class Chat:
@@ -273,19 +503,11 @@ class Chat:
             raise InputError("the question is empty; ask something about the image")
         model, device, t = self.model, self.model.llm.device, Timing()
         if self.image_embeds is None:
-            start = time.perf_counter()
+            t.start(device)
             pixels = preprocess(self.image, model.image_size)[None].to(device, model.llm.dtype)
-            synchronize(device)
-            t.preprocess = time.perf_counter() - start
-            start = time.perf_counter()
-            features = repmixer.to_tokens(model.vision_tower(channels_last(pixels)))
-            synchronize(device)
-            t.encoder = time.perf_counter() - start
-            start = time.perf_counter()
-            self.image_embeds = model.mm_projector(features)
-            synchronize(device)
-            t.projector = time.perf_counter() - start
-        ids = tokenize_with_image(self.tokenizer, next_turn(question) if self.history else first_turn(question))
+            t.lap("preprocess")
+            self.image_embeds = model.encode_image(pixels, timing=t)   # (1, N, d)
+        ids = turn_ids(self.tokenizer, question, first=not self.history)
         needed = len(self.history) + len(ids) + self.image_embeds.shape[1] - 1   # <image> becomes 256 tokens
         if needed + max_new_tokens > self.context:
             raise InputError(f"the conversation needs {needed} + {max_new_tokens} tokens but the model's context "

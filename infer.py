@@ -29,6 +29,8 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--timing", action="store_true", help="print the TTFT breakdown and decode speed")
+    p.add_argument("--plain", action="store_true",
+                   help="run the plain model files, without the speed step of speedups.py (slower; in float32 the same answers)")
     return p.parse_args(argv)
 
 
@@ -109,7 +111,8 @@ def main(argv=None):
                 raise UsageError(f"the embedded default model ({DEFAULT_MODEL}) is not in this checkout yet; "
                                  "pass --model FOLDER with an official FastVLM checkpoint (see README)")
             torch.set_grad_enabled(False)
-            model, tokenizer, config = FastVLM.from_pretrained(folder, device=device, dtype=dtype)
+            model, tokenizer, config = FastVLM.from_pretrained(folder, device=device, dtype=dtype,
+                                                               fast=not args.plain)
             chat = Chat(model, tokenizer, image, config)
 
             def stream(token):

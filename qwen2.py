@@ -14,20 +14,16 @@ token's q/k/v, writes its k/v at position T, T+1, ... and attends to everything 
 a cache, generating n tokens would recompute the whole prefix at every step (quadratic work); with it,
 each step costs one token's worth of matmuls plus reading the cache.
 
-Also here: the Qwen2 tokenizer built with the `tokenizers` library, loading an HF-format folder
-(config.json + safetensors, single or sharded), and generation (greedy, temperature, top-p).
+Also here: generation (greedy, temperature, top-p) and the Qwen2 tokenizer, built with the `tokenizers`
+library. Reading checkpoint folders (weights, config.json, tokenizer files) is fastvlm.py's job;
+faster CPU kernels for the linears live in speedups.py, which swaps modules of a loaded model.
 """
 
-import json
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from checkpoint import CheckpointError, load_exact, read_safetensors
-from onednn import Linear  # nn.Linear whose CPU inference runs oneDNN's matmul (see onednn.py)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,6 +129,18 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def causal_mask(T, S, device=None):
+    """Which keys each query may see, (T, S) bool, or None when there is one query.
+
+    The T queries are the last T of the S positions whose keys attention sees (S = T without a cache,
+    S = start + T with one), so query i sits at position S - T + i and sees keys 0 .. S - T + i: the
+    lower triangle shifted right by S - T. A single new token (a decode step) sees every key.
+    """
+    if T == 1:
+        return None
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention: H query heads, H_kv key/value heads shared by H / H_kv queries each."""
 
@@ -141,10 +149,10 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.hidden_size, self.heads * self.head_dim, bias=True)
-        self.k_proj = Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
-        self.v_proj = Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
-        self.o_proj = Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
         self.cache = None
 
     def forward(self, x, cos, sin, start):                        # x: (B, T, d)
@@ -156,21 +164,18 @@ class Attention(nn.Module):
         if self.cache is not None:
             k, v = self.cache.update(start, k, v)                 # (B, H_kv, start+T, hd)
         S = k.shape[2]
-        # Query i sits at absolute position start+i and may see keys 0..start+i.
-        # start == 0 and T == S: the usual causal triangle; T == 1: a decode step sees everything.
-        mask = None
-        if T > 1 and start > 0:
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
         if self.use_sdpa:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(T > 1 and start == 0),
-                                                 enable_gqa=True)
+            # With S == T the mask is the plain causal triangle, which SDPA builds itself (and skips).
+            triangle = T > 1 and S == T
+            mask = None if triangle else causal_mask(T, S, x.device)  # (T, S), or None for one new token
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=triangle, enable_gqa=True)
         else:
+            mask = causal_mask(T, S, x.device)
             groups = self.heads // self.kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, hd)
             scores = (q @ k.transpose(-2, -1)) / self.head_dim ** 0.5                     # (B, H, T, S)
-            if T > 1:
-                allowed = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-                scores = scores.masked_fill(~allowed, float("-inf"))
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
             out = scores.softmax(-1) @ v                                                   # (B, H, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
@@ -180,9 +185,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -210,13 +215,14 @@ class Qwen2(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight       # one tensor, two names
         self.max_len = 0
-        self._rope(4096)
+        self.build_rope(4096)
 
-    def _rope(self, length, device=None):
+    def build_rope(self, length, device=None):
+        """The RoPE cos/sin tables for positions 0 .. length-1 (computed, not stored in checkpoints)."""
         cos, sin = rope_tables(self.cfg.head_dim, length, self.cfg.rope_theta, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -259,7 +265,7 @@ class Qwen2(nn.Module):
             layer.self_attn.cache = new
         self.max_len = max_len
         if self.rope_cos.shape[0] < max_len or self.rope_cos.device != self.device:
-            self._rope(max(max_len, 4096), self.device)
+            self.build_rope(max(max_len, 4096), self.device)
 
     def drop_cache(self):
         for layer in self.layers:
@@ -276,7 +282,7 @@ class Qwen2(nn.Module):
         x = self.embed_tokens(tokens) if embeds is None else embeds
         T = x.shape[1]
         if start + T > self.rope_cos.shape[0]:
-            self._rope(start + T, self.device)
+            self.build_rope(start + T, self.device)
         cos = self.rope_cos[start:start + T].to(x.dtype)
         sin = self.rope_sin[start:start + T].to(x.dtype)
         for layer in self.layers:
@@ -285,47 +291,6 @@ class Qwen2(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x)
-
-    @classmethod
-    def from_pretrained(cls, folder, dtype=None, device="cpu"):
-        """An HF-format Qwen2 folder: config.json + model.safetensors (or sharded with an index)."""
-        folder = Path(folder)
-        cfg = Qwen2Config.from_dict(read_config(folder))
-        tensors = read_safetensors(folder, dtype=dtype)
-        return load_llm(cfg, tensors, dtype, device)
-
-
-def read_config(folder):
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{folder} has no config.json; point at a model folder")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it") from None
-
-
-def load_llm(cfg, tensors, dtype=None, device="cpu"):
-    """Build a Qwen2 for `cfg` and fill it from HF-named tensors (`model.layers.0...`, `lm_head.weight`).
-
-    The head is tied when the file has no `lm_head.weight`, whatever config.json says (Apple notes that
-    some exported checkpoints' flag disagrees with their files).
-    """
-    untied = "lm_head.weight" in tensors
-    cfg = Qwen2Config(**{**cfg.__dict__, "tie_word_embeddings": not untied})
-    with torch.device("meta"):                              # no time spent on a random init
-        model = Qwen2(cfg)
-    model = model.to_empty(device=device)                   # every tensor is filled below
-    if dtype is not None:
-        model = model.to(dtype)
-    if not untied:                                          # to_empty() made two tensors of the tied one
-        model.lm_head.weight = model.embed_tokens.weight
-    ours = {name.removeprefix("model."): value for name, value in tensors.items()}
-    file_names = {name: name if name.startswith("lm_head.") else "model." + name for name in model.state_dict()}
-    load_exact(model, ours, where="language model",
-               file_names={**file_names, **{name.removeprefix("model."): name for name in tensors}})
-    model._rope(4096, device)
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -419,46 +384,43 @@ def train_tokenizer(texts, vocab_size):
     return Tokenizer(tok)
 
 
+class TokenizerMismatch(ValueError):
+    """Tokenizer files whose special tokens are not where Qwen2 has them."""
+
+
 class Tokenizer:
-    """Qwen2's byte-level BPE, from `tokenizer.json` or from `vocab.json` + `merges.txt`."""
+    """Qwen2's byte-level BPE: a `tokenizers.Tokenizer` with Qwen2's pipeline and special tokens.
 
-    FILES = ("tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json",
-             "tokenizer_config.json")
+    Built from `tokenizer.json` text (`from_json`) or from the vocabulary and merges of the slow-
+    tokenizer files (`from_vocab`); fastvlm.load_tokenizer reads them from a model folder.
+    """
 
-    def __init__(self, folder):
+    def __init__(self, tok):
+        self.tok = tok
+        for text, expected in SPECIAL_TOKENS.items():
+            got = tok.token_to_id(text)
+            if got is not None and got != expected and tok.get_vocab_size() > expected:
+                raise TokenizerMismatch(f"token {text} has id {got}, Qwen2 expects {expected}")
+
+    @classmethod
+    def from_json(cls, text):
+        """From the contents of a `tokenizer.json`."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(text))
+
+    @classmethod
+    def from_vocab(cls, vocab, merges, specials=SPECIAL_TOKENS):
+        """From `vocab.json`'s {token: id}, `merges.txt`'s pairs and the special tokens {text: id}."""
         from tokenizers import AddedToken
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import models
 
-        self.folder = None
-        if isinstance(folder, HFTokenizer):                # an in-memory tokenizer (train_tokenizer)
-            self.tok = folder
-            return
-        folder = self.folder = Path(folder)
-        if (folder / "tokenizer.json").is_file():
-            self.tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
-        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-            merges = []
-            for line in (folder / "merges.txt").read_text(encoding="utf-8").splitlines():
-                line = line.rstrip("\r")               # some copies ship CRLF line endings
-                if line and not line.startswith("#version"):
-                    merges.append(tuple(line.split(" ")))
-            tok = qwen2_pipeline(HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
-                                                         byte_fallback=False)))
-            specials = dict(SPECIAL_TOKENS)
-            added = folder / "added_tokens.json"
-            if added.is_file():
-                specials.update(json.loads(added.read_text()))
-            for text, _ in sorted(specials.items(), key=lambda kv: kv[1]):
-                tok.add_special_tokens([AddedToken(text, special=True, normalized=False)])
-            self.tok = tok
-        else:
-            raise CheckpointError(f"{folder} has no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
-        for text, expected in SPECIAL_TOKENS.items():
-            got = self.tok.token_to_id(text)
-            if got is not None and got != expected and self.tok.get_vocab_size() > expected:
-                raise CheckpointError(f"{folder}: token {text} has id {got}, Qwen2 expects {expected}")
+        tok = qwen2_pipeline(HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
+                                                     byte_fallback=False)))
+        for text, _ in sorted(specials.items(), key=lambda kv: kv[1]):
+            tok.add_special_tokens([AddedToken(text, special=True, normalized=False)])
+        return cls(tok)
 
     def __len__(self):
         return self.tok.get_vocab_size(with_added_tokens=True)
@@ -471,13 +433,3 @@ class Tokenizer:
 
     def token_id(self, text):
         return self.tok.token_to_id(text)
-
-    def save(self, folder):
-        """Write the tokenizer into a model folder: the source folder's files as they were, or tokenizer.json."""
-        import shutil
-
-        folder = Path(folder)
-        copied = [shutil.copy(self.folder / f, folder / f) for f in self.FILES
-                  if self.folder is not None and (self.folder / f).is_file()]
-        if not copied:
-            self.tok.save(str(folder / "tokenizer.json"))

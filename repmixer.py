@@ -1,19 +1,20 @@
-"""FastViTHD, the hybrid vision encoder of FastVLM (CVPR 2025, Sec. 3.2 and Fig. 2), by hand.
+"""FastViTHD, the hybrid vision encoder of FastVLM (CVPR 2025, Sec. 3.2 and Fig. 2), in plain PyTorch.
 
 Read top to bottom, this file follows the encoder from pixels to visual tokens:
 
     image (B, 3, H, W)
-    -> stem: three MobileOne conv blocks                      (B,   96, H/4,  W/4)
+    -> Stem: three MobileOne conv blocks                      (B,   96, H/4,  W/4)
     -> stage 1: RepMixer blocks                               (B,   96, H/4,  W/4)
-    -> downsample + stage 2: RepMixer blocks                  (B,  192, H/8,  W/8)
-    -> downsample + stage 3: RepMixer blocks                  (B,  384, H/16, W/16)
-    -> downsample + RepCPE + stage 4: attention blocks        (B,  768, H/32, W/32)
-    -> downsample + RepCPE + stage 5: attention blocks        (B, 1536, H/64, W/64)
+    -> Downsample + stage 2: RepMixer blocks                  (B,  192, H/8,  W/8)
+    -> Downsample + stage 3: RepMixer blocks                  (B,  384, H/16, W/16)
+    -> Downsample + RepCPE + stage 4: attention blocks        (B,  768, H/32, W/32)
+    -> Downsample + RepCPE + stage 5: attention blocks        (B, 1536, H/64, W/64)
     -> final expansion conv + squeeze-excite                  (B, 3072, H/64, W/64)
     -> flattened row-major: (H/64)*(W/64) tokens of width 3072 for the projector.
 
 At the released 1024 px that is 16 x 16 = 256 tokens. (The paper's stage table puts the first stage
-at /2 resolution steps later than the code does; the code and the checkpoints are what is built here.)
+at /2 resolution steps later than the code does; the released code and checkpoints are what is built
+here.)
 
 Structural reparameterization (FastViT, Sec. 3.2.1; MobileOne; RepVGG). While training, several
 blocks are sums of linear branches: a k x k conv + BatchNorm, a 1 x 1 conv + BatchNorm, a BatchNorm on
@@ -22,21 +23,18 @@ convolutions over the same input is one convolution, so every such block folds i
 a bias. Each block below has both forms: the *training form* (branches) and the *fused form* (one
 `fused` conv). `reparameterize()` turns the first into the second in place, on one block or on the
 whole encoder; `FastViTHD(config, fused=True)` builds the fused form directly, which is the form the
-official checkpoints are stored in (`reparam_conv` / `lkb_reparam` there).
+official checkpoints are stored in (Apple's names for it are `reparam_conv` / `lkb_reparam`;
+fastvlm.py maps them onto the names used here).
 
-Official names differ from the readable ones used here; `official_key()` translates, and
-`load_official()` loads the vision-tower tensors of a FastVLM checkpoint with every key checked.
+Every `forward` below is the paper's equation in plain PyTorch ops. Faster CPU kernels for some of
+them live in speedups.py, which swaps modules of a loaded model without changing its parameters.
 """
 
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import onednn
-from checkpoint import CheckpointError, load_exact
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -68,6 +66,15 @@ class FastViTHDConfig:
             if m == "attention" and w % self.head_dim:
                 raise ValueError(f"attention width {w} is not a multiple of head_dim {self.head_dim}")
 
+    @classmethod
+    def from_dict(cls, d):
+        """The fields of a JSON dict (lists become tuples); unknown keys are an error."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown FastViTHD config field {unknown[0]!r}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
     @property
     def out_channels(self):
         return self.expansion * self.widths[-1]
@@ -93,7 +100,7 @@ FASTVITHD = FastViTHDConfig()  # the released encoder (`fastvithd` in Apple's mc
 def fold_batchnorm(weight, bn):
     """conv(x, W) followed by eval-mode BN equals conv(x, W * g/s) + (b - m * g/s), s = sqrt(var + eps).
 
-    `weight` may be None for a BatchNorm on the identity, in which case pass the identity kernel.
+    For a BatchNorm on the identity, pass the identity kernel as `weight`.
     """
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)       # (C_out,)
     return weight * scale.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
@@ -132,28 +139,41 @@ def make_fused_conv(c_in, c_out, kernel_size, stride=1, groups=1):
     return nn.Conv2d(c_in, c_out, kernel_size, stride, kernel_size // 2, groups=groups, bias=True)
 
 
-def set_fused(module, kernel, bias, conv_args):
-    """Install the fused conv on `module` and mark it fused (the branches are deleted by the caller)."""
-    module.fused = make_fused_conv(*conv_args).to(device=kernel.device, dtype=kernel.dtype)
-    module.fused.weight.data.copy_(kernel)
-    module.fused.bias.data.copy_(bias)
-
-
 class Reparameterizable(nn.Module):
-    """Shared behaviour: `is_fused` and `reparameterize()` through the block's own `kernel_bias()`."""
+    """A block with a training form (branches) and a fused form (one conv named `fused`).
+
+    Subclasses build their branches when not fused, list them in `branch_names`, and give the one
+    (kernel, bias) their branches sum to in `branch_kernel_bias()`.
+    """
+
+    branch_names = ()
+
+    def __init__(self, c_in, c_out, kernel_size, stride=1, groups=1, fused=False):
+        super().__init__()
+        self.conv_args = (c_in, c_out, kernel_size, stride, groups)
+        if fused:
+            self.fused = make_fused_conv(*self.conv_args)
 
     @property
     def is_fused(self):
         return hasattr(self, "fused")
 
+    def kernel_bias(self):
+        """(kernel, bias) of the single conv this block's linear part equals."""
+        return (self.fused.weight, self.fused.bias) if self.is_fused else self.branch_kernel_bias()
+
     @torch.no_grad()
     def reparameterize(self):
+        """Replace the branches by the one conv they sum to (eval-mode BatchNorm). Idempotent."""
         if self.is_fused:
             return
         kernel, bias = self.kernel_bias()
-        set_fused(self, kernel, bias, self.conv_args)
+        fused = make_fused_conv(*self.conv_args).to(device=kernel.device, dtype=kernel.dtype)
+        fused.weight.copy_(kernel)
+        fused.bias.copy_(bias)
         for name in self.branch_names:
             delattr(self, name)
+        self.fused = fused
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,29 +198,25 @@ class SqueezeExcite(nn.Module):
 class MobileOneBlock(Reparameterizable):
     """MobileOne conv block (stem, downsampling 1x1, final expansion).
 
-    Training form: activation(se( sum_i ConvBN_k(x) + ConvBN_1x1(x) + BN(x) )); the 1x1 'scale' branch
+    Training form: act(se( sum_i ConvBN_k(x) + ConvBN_1x1(x) + BN(x) )); the 1x1 'scale' branch
     exists for k > 1 when asked for, the BN 'skip' branch when the block keeps the shape.
-    Fused form: activation(se( conv_k(x) + bias )).
+    Fused form:    act(se( conv_k(x) + bias )).
     """
+
+    branch_names = ("convs", "scale", "skip")
 
     def __init__(self, c_in, c_out, kernel_size, stride=1, groups=1, *, scale_branch=True,
                  conv_branches=1, se_ratio=None, activation=True, fused=False):
-        super().__init__()
-        self.conv_args = (c_in, c_out, kernel_size, stride, groups)
-        self.kernel_size, self.groups = kernel_size, groups
+        super().__init__(c_in, c_out, kernel_size, stride, groups, fused)
         self.se = SqueezeExcite(c_out, se_ratio) if se_ratio else nn.Identity()
         self.act = nn.GELU() if activation else nn.Identity()
-        if fused:
-            self.fused = make_fused_conv(*self.conv_args)
+        if self.is_fused:
             return
         self.convs = nn.ModuleList(ConvBN(c_in, c_out, kernel_size, stride, groups) for _ in range(conv_branches))
         self.scale = ConvBN(c_in, c_out, 1, stride, groups) if (scale_branch and kernel_size > 1) else None
         self.skip = nn.BatchNorm2d(c_in) if (c_in == c_out and stride == 1) else None
-        self.branch_names = ("convs", "scale", "skip")
 
-    def forward(self, x):
-        if self.is_fused and isinstance(self.se, nn.Identity) and isinstance(self.act, nn.GELU):
-            return onednn.conv_gelu(x, self.fused)              # GELU(conv(x)) in one pass on CPU
+    def forward(self, x):                                       # (B, C_in, H, W) -> (B, C_out, H/s, W/s)
         if self.is_fused:
             y = self.fused(x)
         else:
@@ -211,13 +227,11 @@ class MobileOneBlock(Reparameterizable):
                 y = y + self.skip(x)
         return self.act(self.se(y))
 
-    def kernel_bias(self):
-        if self.is_fused:
-            return self.fused.weight, self.fused.bias
-        c_out, k = self.conv_args[1], self.kernel_size
+    def branch_kernel_bias(self):
+        c_out, k, groups = self.conv_args[1], self.conv_args[2], self.conv_args[4]
         kernel = self.convs[0].conv.weight.new_zeros(self.convs[0].conv.weight.shape) if self.convs else None
         if kernel is None:  # a skip-only block (no conv branch)
-            kernel = self.skip.weight.new_zeros(c_out, c_out // self.groups, k, k)
+            kernel = self.skip.weight.new_zeros(c_out, c_out // groups, k, k)
         bias = kernel.new_zeros(c_out)
         for branch in self.convs:
             w, b = branch.kernel_bias()
@@ -226,45 +240,56 @@ class MobileOneBlock(Reparameterizable):
             w, b = self.scale.kernel_bias()
             kernel, bias = kernel + pad_kernel(w, k), bias + b
         if self.skip is not None:
-            w, b = fold_batchnorm(identity_kernel(c_out, self.groups, k, kernel), self.skip)
+            w, b = fold_batchnorm(identity_kernel(c_out, groups, k, kernel), self.skip)
             kernel, bias = kernel + w, bias + b
         return kernel, bias
 
 
+class Stem(nn.Sequential):
+    """The stem (Fig. 2, left; Apple's `patch_embed`): /4 in three MobileOne blocks, each ending in GELU.
+
+    (B, 3, H, W) -> 3x3 stride-2 conv -> (B, C, H/2, W/2) -> 3x3 stride-2 depthwise -> (B, C, H/4, W/4)
+    -> 1x1 conv -> (B, C, H/4, W/4). The released stem has no 1x1 scale branches.
+    """
+
+    def __init__(self, channels, fused=False):
+        super().__init__(
+            MobileOneBlock(3, channels, 3, stride=2, scale_branch=False, fused=fused),
+            MobileOneBlock(channels, channels, 3, stride=2, groups=channels, scale_branch=False, fused=fused),
+            MobileOneBlock(channels, channels, 1, scale_branch=False, fused=fused),
+        )
+
+
 class LargeKernelConv(Reparameterizable):
-    """RepLKNet-style large-kernel depthwise conv that downsamples between stages (FastViT Sec. 3.2.3).
+    """RepLKNet-style large-kernel grouped conv that downsamples between stages (FastViT Sec. 3.2.3).
 
     Training form: GELU( ConvBN_7x7(x) + ConvBN_3x3(x) ), both stride 2; fused: GELU( conv_7x7(x) + b ).
     Grouped with groups = C_in and C_out = 2 C_in, so each input channel feeds two output channels.
     """
 
+    branch_names = ("large", "small")
+
     def __init__(self, c_in, c_out, kernel_size, stride, small_kernel=3, fused=False):
-        super().__init__()
-        self.conv_args = (c_in, c_out, kernel_size, stride, c_in)
-        self.kernel_size = kernel_size
+        super().__init__(c_in, c_out, kernel_size, stride, c_in, fused)
         self.act = nn.GELU()
-        if fused:
-            self.fused = make_fused_conv(*self.conv_args)
+        if self.is_fused:
             return
         self.large = ConvBN(c_in, c_out, kernel_size, stride, groups=c_in)
         self.small = ConvBN(c_in, c_out, small_kernel, stride, groups=c_in)
-        self.branch_names = ("large", "small")
 
-    def forward(self, x):
-        if self.is_fused:
-            return onednn.conv_gelu(x, self.fused)              # GELU(conv(x)) in one pass on CPU
-        return self.act(self.large(x) + self.small(x))
+    def forward(self, x):                                       # (B, C, H, W) -> (B, 2C, H/2, W/2)
+        y = self.fused(x) if self.is_fused else self.large(x) + self.small(x)
+        return self.act(y)
 
-    def kernel_bias(self):
-        if self.is_fused:
-            return self.fused.weight, self.fused.bias
+    def branch_kernel_bias(self):
         w_large, b_large = self.large.kernel_bias()
         w_small, b_small = self.small.kernel_bias()
-        return w_large + pad_kernel(w_small, self.kernel_size), b_large + b_small
+        return w_large + pad_kernel(w_small, self.conv_args[2]), b_large + b_small
 
 
 class Downsample(nn.Module):
-    """Between stages: (B, C, H, W) -> large-kernel stride-2 conv -> (B, 2C, H/2, W/2) -> 1x1 MobileOne."""
+    """Between stages (Apple's code calls it `PatchEmbed`):
+    (B, C, H, W) -> large-kernel stride-2 conv -> (B, 2C, H/2, W/2) -> 1x1 MobileOne -> (B, 2C, H/2, W/2)."""
 
     def __init__(self, c_in, c_out, kernel_size, fused=False):
         super().__init__()
@@ -284,27 +309,23 @@ class RepMixer(Reparameterizable):
     The skip connection disappears into the kernel: at inference the block is *one* 3x3 depthwise conv.
     """
 
+    branch_names = ("norm", "mixer", "layer_scale")
+
     def __init__(self, dim, kernel_size, layer_scale_init, fused=False):
-        super().__init__()
-        self.conv_args = (dim, dim, kernel_size, 1, dim)
-        self.kernel_size = kernel_size
-        if fused:
-            self.fused = make_fused_conv(*self.conv_args)
+        super().__init__(dim, dim, kernel_size, 1, dim, fused)
+        if self.is_fused:
             return
         self.norm = nn.BatchNorm2d(dim)
         self.mixer = MobileOneBlock(dim, dim, kernel_size, groups=dim, activation=False)
         self.layer_scale = nn.Parameter(torch.full((dim, 1, 1), layer_scale_init))
-        self.branch_names = ("norm", "mixer", "layer_scale")
 
     def forward(self, x):                                       # (B, C, H, W) -> (B, C, H, W)
         if self.is_fused:
             return self.fused(x)
         return x + self.layer_scale * (self.mixer(x) - self.norm(x))
 
-    def kernel_bias(self):
-        if self.is_fused:
-            return self.fused.weight, self.fused.bias
-        dim, k = self.conv_args[0], self.kernel_size
+    def branch_kernel_bias(self):
+        dim, k = self.conv_args[0], self.conv_args[2]
         w_mix, b_mix = self.mixer.kernel_bias()
         eye = identity_kernel(dim, dim, k, w_mix)
         w_norm, b_norm = fold_batchnorm(eye, self.norm)
@@ -319,24 +340,20 @@ class RepCPE(Reparameterizable):
     resolution. The residual folds into the kernel's centre tap in the fused form.
     """
 
+    branch_names = ("pe",)
+
     def __init__(self, dim, kernel_size, fused=False):
-        super().__init__()
-        self.conv_args = (dim, dim, kernel_size, 1, dim)
-        self.kernel_size = kernel_size
-        if fused:
-            self.fused = make_fused_conv(*self.conv_args)
+        super().__init__(dim, dim, kernel_size, 1, dim, fused)
+        if self.is_fused:
             return
         self.pe = make_fused_conv(*self.conv_args)
-        self.branch_names = ("pe",)
 
-    def forward(self, x):
+    def forward(self, x):                                       # (B, C, H, W) -> (B, C, H, W)
         return self.fused(x) if self.is_fused else x + self.pe(x)
 
-    def kernel_bias(self):
-        if self.is_fused:
-            return self.fused.weight, self.fused.bias
-        dim = self.conv_args[0]
-        return self.pe.weight + identity_kernel(dim, dim, self.kernel_size, self.pe.weight), self.pe.bias
+    def branch_kernel_bias(self):
+        dim, k = self.conv_args[0], self.conv_args[2]
+        return self.pe.weight + identity_kernel(dim, dim, k, self.pe.weight), self.pe.bias
 
 
 class ConvFFN(Reparameterizable):
@@ -346,32 +363,25 @@ class ConvFFN(Reparameterizable):
     BatchNorm (that is the form `fused=True` builds); `reparameterize()` folds it into the conv.
     """
 
+    branch_names = ("local",)
+
     def __init__(self, dim, hidden, kernel_size):
-        super().__init__()
-        self.conv_args = (dim, dim, kernel_size, 1, dim)
+        super().__init__(dim, dim, kernel_size, 1, dim)
         self.local = ConvBN(dim, dim, kernel_size, groups=dim)
-        self.branch_names = ("local",)
         self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.act = nn.GELU()
         self.fc2 = nn.Conv2d(hidden, dim, 1)
 
-    def forward(self, x, residual=None, layer_scale=None):     # (B, C, H, W)
-        """fc2(GELU(fc1(local(x)))); given `residual` and `layer_scale`, residual + layer_scale * that.
+    def forward(self, x):                                       # (B, C, H, W)
+        x = self.fused(x) if self.is_fused else self.local(x)   # (B, C, H, W), 7x7 depthwise
+        return self.fc2(self.act(self.fc1(x)))                  # (B, 4C, H, W) -> (B, C, H, W)
 
-        The second form is how the blocks call it: on CPU the GELU and the scaled residual add then
-        happen inside the two 1x1 convs (onednn.py), instead of three extra passes over the maps.
-        """
-        x = self.fused(x) if self.is_fused else self.local(x)
-        h = onednn.conv_gelu(x, self.fc1)                       # (B, 4C, H, W) = GELU(fc1(x))
-        if residual is None:
-            return self.fc2(h)                                  # (B, C, H, W)
-        return onednn.conv_scale_add(h, self.fc2, layer_scale, residual)
-
-    def kernel_bias(self):
-        return (self.fused.weight, self.fused.bias) if self.is_fused else self.local.kernel_bias()
+    def branch_kernel_bias(self):
+        return self.local.kernel_bias()
 
 
 class RepMixerBlock(nn.Module):
-    """Stages 1-3 (Fig. 2, 'RepMixer'): x = RepMixer(x); x = x + layer_scale * ConvFFN(x)."""
+    """Stages 1-3 (Fig. 2, 'RepMixer'): Y = RepMixer(X); Z = Y + layer_scale * ConvFFN(Y)."""
 
     def __init__(self, dim, cfg, fused=False):
         super().__init__()
@@ -379,9 +389,9 @@ class RepMixerBlock(nn.Module):
         self.convffn = ConvFFN(dim, int(dim * cfg.mlp_ratio), cfg.ffn_kernel)
         self.layer_scale = nn.Parameter(torch.full((dim, 1, 1), cfg.layer_scale_init))
 
-    def forward(self, x):
-        x = self.token_mixer(x)
-        return self.convffn(x, residual=x, layer_scale=self.layer_scale)    # x + ls * ConvFFN(x)
+    def forward(self, x):                                       # (B, C, H, W) -> (B, C, H, W)
+        y = self.token_mixer(x)
+        return y + self.layer_scale * self.convffn(y)
 
 
 class ChannelLayerNorm(nn.Module):
@@ -407,12 +417,12 @@ class MHSA(nn.Module):
     def __init__(self, dim, head_dim):
         super().__init__()
         self.heads, self.head_dim = dim // head_dim, head_dim
-        self.qkv = onednn.Linear(dim, 3 * dim, bias=False)
-        self.proj = onednn.Linear(dim, dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):                                       # (B, C, H, W)
         B, C, H, W = x.shape
-        tokens = to_tokens(x)                                   # (B, N, C), N = H*W; a view when channels-last
+        tokens = to_tokens(x)                                   # (B, N, C), N = H*W
         qkv = self.qkv(tokens).reshape(B, H * W, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)                    # each (B, heads, N, head_dim)
         if self.use_sdpa:
@@ -421,11 +431,11 @@ class MHSA(nn.Module):
             attn = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)   # (B, heads, N, N)
             out = attn.softmax(-1) @ v
         out = self.proj(out.transpose(1, 2).reshape(B, H * W, C))      # (B, N, C)
-        return out.reshape(B, H, W, C).permute(0, 3, 1, 2)             # (B, C, H, W), channels-last strides
+        return out.reshape(B, H, W, C).permute(0, 3, 1, 2)             # (B, C, H, W)
 
 
 class AttentionBlock(nn.Module):
-    """Stages 4-5 (Fig. 2, 'Self-Attention'): x += ls1 * MHSA(LN(x)); x += ls2 * ConvFFN(x)."""
+    """Stages 4-5 (Fig. 2, 'Self-Attention'): Y = X + ls1 * MHSA(LN(X)); Z = Y + ls2 * ConvFFN(Y)."""
 
     def __init__(self, dim, cfg):
         super().__init__()
@@ -435,13 +445,13 @@ class AttentionBlock(nn.Module):
         self.layer_scale_1 = nn.Parameter(torch.full((dim, 1, 1), cfg.layer_scale_init))
         self.layer_scale_2 = nn.Parameter(torch.full((dim, 1, 1), cfg.layer_scale_init))
 
-    def forward(self, x):
-        x = torch.addcmul(x, self.layer_scale_1, self.token_mixer(self.norm(x)))  # x + ls1 * MHSA(LN(x))
-        return self.convffn(x, residual=x, layer_scale=self.layer_scale_2)      # x + ls2 * ConvFFN(x)
+    def forward(self, x):                                       # (B, C, H, W) -> (B, C, H, W)
+        y = x + self.layer_scale_1 * self.token_mixer(self.norm(x))
+        return y + self.layer_scale_2 * self.convffn(y)
 
 
 class Stage(nn.Module):
-    """One column of Fig. 2: [downsample] -> [RepCPE, attention stages only] -> blocks."""
+    """One column of Fig. 2: [Downsample] -> [RepCPE, attention stages only] -> blocks."""
 
     def __init__(self, index, cfg, fused=False):
         super().__init__()
@@ -467,13 +477,7 @@ class FastViTHD(nn.Module):
     def __init__(self, cfg=FASTVITHD, fused=False):
         super().__init__()
         self.cfg = cfg
-        c0 = cfg.widths[0]
-        # Stem (/4): 3x3 s2 full conv, 3x3 s2 depthwise, 1x1; the released stem has no 1x1 scale branch.
-        self.stem = nn.Sequential(
-            MobileOneBlock(3, c0, 3, stride=2, scale_branch=False, fused=fused),
-            MobileOneBlock(c0, c0, 3, stride=2, groups=c0, scale_branch=False, fused=fused),
-            MobileOneBlock(c0, c0, 1, scale_branch=False, fused=fused),
-        )
+        self.stem = Stem(cfg.widths[0], fused)
         self.stages = nn.ModuleList(Stage(i, cfg, fused) for i in range(len(cfg.depths)))
         # Final expansion: grouped 3x3 conv doubling the channels, squeeze-excite, GELU (-> 3072).
         c_last = cfg.widths[-1]
@@ -493,23 +497,10 @@ class FastViTHD(nn.Module):
         return (x, stages) if return_stages else x
 
     def reparameterize(self):
-        """Fuse every reparameterizable block in place (eval-mode semantics: BN uses running stats)."""
+        """Fuse every reparameterizable block in place, the ConvFFN BatchNorms included (eval-mode
+        semantics: BatchNorm uses its running statistics). The form to run inference in."""
         reparameterize(self)
         return self
-
-    def optimize_for_inference(self):
-        """Fuse everything, then store the weights channels-last.
-
-        Why channels-last: most of FastViTHD's time goes to 1x1 convs over large maps (the ConvFFN
-        expansions), which oneDNN runs as matrix products over (pixels x channels); with the channels
-        of each pixel contiguous no layout conversion is needed around every conv, and the attention
-        stages' flattening into tokens is a free view. Feed images with `images.contiguous(
-        memory_format=torch.channels_last)` (FastVLM.encode_image does). On CPU, in float32 and without
-        autograd, the GELUs and the scaled residual adds then run inside oneDNN's conv and matmul
-        kernels (onednn.py): 9.8 s -> 8.1 s at 1024 px on the README's 2-core machine.
-        """
-        self.reparameterize().eval()
-        return self.to(memory_format=torch.channels_last)
 
     @property
     def is_fused(self):
@@ -525,108 +516,6 @@ def reparameterize(module):
 
 
 def to_tokens(features):
-    """(B, C, h, w) feature map -> (B, h*w, C) tokens, row-major, as attention and the projector expect.
-
-    (B, h, w, C) -> (B, h*w, C): a view, no copy, when the map is channels-last."""
+    """(B, C, h, w) feature map -> (B, h*w, C) tokens, row-major, as attention and the projector expect."""
     B, C, h, w = features.shape
     return features.permute(0, 2, 3, 1).reshape(B, h * w, C)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Official checkpoint names.
-# ----------------------------------------------------------------------------------------------------
-
-OFFICIAL_PREFIX = "model.vision_tower.vision_tower.model."
-UNUSED_OFFICIAL = ("head.",)  # MobileCLIP's projection head: computed by Apple's forward, never used
-
-
-def official_network_layout(cfg):
-    """Apple's flat `network` list -> (stage, part) for each index: blocks, [downsample], [cpe], blocks, ..."""
-    layout = []
-    for i, mixer in enumerate(cfg.mixers):
-        if i > 0:
-            layout.append((i, "downsample"))
-        if mixer == "attention":
-            layout.append((i, "cpe"))
-        layout.append((i, "blocks"))
-    return layout
-
-
-# (official, ours) name fragments. A leading ^ anchors at the start of the name. Order matters: the
-# downsampling patterns come before the generic `reparam_conv` <-> `fused`, in both directions.
-_RENAMES = [
-    ("^patch_embed.", "^stem."),
-    ("^conv_exp.", "^expand."),
-    ("downsample.proj.0.lkb_reparam.", "downsample.spatial.fused."),
-    ("downsample.proj.1.reparam_conv.", "downsample.pointwise.fused."),
-    ("convffn.conv.conv.", "convffn.local.conv."),
-    ("convffn.conv.bn.", "convffn.local.bn."),
-    ("reparam_conv.", "fused."),
-]
-
-
-def _rename(key, to_ours):
-    for official, ours in _RENAMES:
-        src, dst = (official, ours) if to_ours else (ours, official)
-        if src.startswith("^"):
-            if key.startswith(src[1:]):
-                key = dst[1:] + key[len(src) - 1:]
-        else:
-            key = key.replace(src, dst, 1)
-    return key
-
-
-def official_key(key, cfg=FASTVITHD):
-    """Our parameter name for an official vision-tower key (prefix removed); None for the unused head.
-
-    e.g. `network.7.0.token_mixer.qkv.weight` -> `stages.3.blocks.0.token_mixer.qkv.weight`.
-    """
-    if key.startswith(UNUSED_OFFICIAL):
-        return None
-    m = re.match(r"network\.(\d+)\.(.*)", key)
-    if m:
-        layout = official_network_layout(cfg)
-        if int(m.group(1)) >= len(layout):
-            raise CheckpointError(f"vision tower: unexpected tensor '{key}': this config has no network.{m.group(1)}")
-        stage, part = layout[int(m.group(1))]
-        key = f"stages.{stage}.{part}.{m.group(2)}"
-    return _rename(key, to_ours=True)
-
-
-def to_official_key(key, cfg=FASTVITHD):
-    """The inverse of official_key: our name -> Apple's (prefix not added), for writing checkpoints."""
-    key = _rename(key, to_ours=False)
-    m = re.match(r"stages\.(\d+)\.(downsample|cpe|blocks)\.(.*)", key)
-    if m:
-        index = official_network_layout(cfg).index((int(m.group(1)), m.group(2)))
-        key = f"network.{index}.{m.group(3)}"
-    return key
-
-
-def is_official_form(model):
-    """Every branch merged except the ConvFFN BatchNorm: the layout of Apple's stored checkpoints."""
-    blocks = [m for m in model.modules() if isinstance(m, Reparameterizable)]
-    return all(m.is_fused != isinstance(m, ConvFFN) for m in blocks)
-
-
-def load_official(model, tensors, prefix=OFFICIAL_PREFIX):
-    """Load official vision-tower tensors (full checkpoint names) into a fused-form FastViTHD.
-
-    Only keys under `prefix` are considered; `head.*` is dropped by name; everything else must map
-    onto a parameter or buffer with the same shape, and every parameter and buffer must be filled.
-    """
-    if not is_official_form(model):
-        raise ValueError("official checkpoints are stored fused with the ConvFFN BatchNorm kept: "
-                         "load into FastViTHD(cfg, fused=True) before calling reparameterize()")
-    file_names = {name: prefix + to_official_key(name, model.cfg) for name in model.state_dict()}
-    ours = {}
-    for name, value in tensors.items():
-        if not name.startswith(prefix):
-            continue
-        mapped = official_key(name[len(prefix):], model.cfg)
-        if mapped is not None:
-            ours[mapped], file_names[mapped] = value, name
-    if not ours:
-        raise CheckpointError(f"no vision-tower tensors under '{prefix}': not a FastVLM checkpoint")
-    load_exact(model, ours, where="vision tower", file_names=file_names)
-    return model

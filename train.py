@@ -111,6 +111,10 @@ def load_records(data_path, image_folder=None):
             raise DataError(f"{where}: the conversation has no assistant ('gpt') turn to learn from")
         if turns[0]["from"] != "human" or any(a["from"] == b["from"] for a, b in zip(turns, turns[1:])):
             raise DataError(f"{where}: turns must alternate human, gpt, human, ... starting with human")
+        later = [k for k, t in enumerate(turns) if k > 0 and FV.IMAGE in t["value"]]
+        if later:
+            raise DataError(f"{where}: turn {later[0]} holds an '{FV.IMAGE}' marker; one image per conversation, "
+                            "marked in the first human turn only")
         if image_folder is not None and not (Path(image_folder) / r["image"]).is_file():
             raise DataError(f"{where}: image {Path(image_folder) / r['image']} not found")
     return records
@@ -185,11 +189,10 @@ def build_scratch(records):
 
 
 def model_from_state(state, tokenizer_folder):
-    vision_cfg = repmixer.FastViTHDConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                             for k, v in state["vision_cfg"].items()})
-    model = FV.FastVLM(vision_cfg, qwen2.Qwen2Config(**state["llm_cfg"]), fused=state["fused"])
+    vision_cfg = repmixer.FastViTHDConfig.from_dict(state["vision_cfg"])
+    model = FV.FastVLM(vision_cfg, qwen2.Qwen2Config.from_dict(state["llm_cfg"]), fused=state["fused"])
     model.load_state_dict(state["model"])
-    return model, qwen2.Tokenizer(tokenizer_folder)
+    return model, FV.load_tokenizer(tokenizer_folder)
 
 
 def initialise(args, records):
@@ -209,11 +212,11 @@ def initialise(args, records):
         model, tokenizer, _ = FV.FastVLM.from_pretrained(folder, fold_batchnorm=False)
         return model, tokenizer, False
     if args.init_llm and args.init_vision:
-        llm = qwen2.Qwen2.from_pretrained(args.init_llm)
+        llm = FV.load_qwen2(args.init_llm)
         vlm, _, config = FV.FastVLM.from_pretrained(args.init_vision, fold_batchnorm=False)
         model = FV.FastVLM(vlm.vision_tower.cfg, llm.cfg, fused=True)
         model.vision_tower, model.llm = vlm.vision_tower, llm
-        return model, qwen2.Tokenizer(args.init_llm), False
+        return model, FV.load_tokenizer(args.init_llm), False
     raise DataError("choose an initialisation: --init FOLDER, --init scratch, or --init-llm with --init-vision")
 
 
@@ -225,7 +228,7 @@ def export_tensors(model):
     for m in tower.modules():
         if isinstance(m, repmixer.Reparameterizable) and not isinstance(m, repmixer.ConvFFN):
             m.reparameterize()
-    out = {repmixer.OFFICIAL_PREFIX + repmixer.to_official_key(k, tower.cfg): v
+    out = {FV.VISION_PREFIX + FV.to_official_key(k, tower.cfg): v
            for k, v in tower.state_dict().items()}
     out.update({FV.PROJECTOR_PREFIX + k: v for k, v in model.mm_projector.state_dict().items()})
     llm = model.llm
@@ -264,7 +267,7 @@ def save_checkpoint(out, model, tokenizer, config, state):
     tmp.mkdir(parents=True)
     save_file(export_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer.save(tmp)
+    FV.save_tokenizer(tokenizer, tmp)
     torch.save(state, tmp / STATE)
     for extra in ("log.jsonl", "loss.png"):            # keep the run's log beside the newest weights
         if (out / extra).is_file():
@@ -336,27 +339,31 @@ def step_loss(model, batches, average, world):
     return (reported / total).item()
 
 
-def plot_losses(log_path, png_path):
+def plot_losses(log_path, png_path=None):
+    """The training loss of every stage in `log_path` against the step, as a matplotlib Figure (saved to
+    `png_path` if given). Object-oriented matplotlib, no pyplot: it never switches the backend of the
+    program that calls it (a notebook's inline plots keep working)."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         print("(matplotlib not installed: no loss plot; pip install matplotlib)", file=sys.stderr)
-        return
+        return None
     rows = [json.loads(l) for l in Path(log_path).read_text().splitlines() if l.strip()]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.subplots()
     for stage in sorted({r["stage"] for r in rows}):
         pts = [(r["global_step"], r["loss"]) for r in rows if r["stage"] == stage]
         ax.plot(*zip(*pts), label=f"stage {stage}", lw=1)
+    ax.set_title("FastVLM training loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("training loss (cross-entropy, nats)")
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    if png_path is not None:
+        fig.savefig(png_path, dpi=100)
+    return fig
 
 
 def parse_args(argv):
@@ -431,13 +438,12 @@ def train(args, world, rank):
             raise DataError(f"--resume: {out} is a stage {state['stage']} run, not stage {args.stage}")
         model, tokenizer = model_from_state(state, out)
         from_scratch = not state["fused"]
-        base_config = json.loads((out / "config.json").read_text())
+        base_config = FV.read_config(out)
     else:
         if out.exists() and any(out.iterdir()):
             raise DataError(f"{out} exists and is not empty; choose a new --out or pass --resume")
         model, tokenizer, from_scratch = initialise(args, records)
-        base_config = json.loads((Path(args.init) / "config.json").read_text()) if (
-            args.init and args.init != "scratch") else {}
+        base_config = FV.read_config(args.init) if (args.init and args.init != "scratch") else {}
         state = None
     model.to(device)
     bn_train = {"auto": from_scratch, "train": True, "eval": False}[args.bn]

@@ -5,7 +5,7 @@ transformers' `Qwen2ForCausalLM` (embeddings resized to len(tokenizer) as Apple'
 Qwen2 tokenizer, the official image processor (`CLIPImageProcessor` with MobileCLIP's settings, PIL
 backend) after Apple's `expand2square`, Apple's `tokenizer_image_token` logic and the splice of the
 projected image tokens at the -200 placeholder, all written out below. The weights are the
-deterministic synthetic ones of tests/synthetic.py (full FastViTHD + a small Qwen2 with the real
+deterministic synthetic ones of tools/synthetic.py (full FastViTHD + a small Qwen2 with the real
 vocabulary, once with a tied head as the 0.5B and 1.5B have and once untied as the 7B), rounded to bf16
 as the official files store them. It stores the pixels (rows and sum), the prompt ids, the vision
 features, the projected image embeddings, the first-step logits and 16 greedy tokens. Run in the timm venv (see
@@ -25,9 +25,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]  # tests/, repo root
-from make_encoder_fixtures import PREFIX, timm_encoder  # noqa: E402
-from synthetic import FIXTURES, SMALL_LLM, fastvlm_tensors, write_official_tokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "tools"), str(ROOT)]
+from synthetic import SMALL_LLM, TIMM_PREFIX as PREFIX, fastvlm_tensors, timm_encoder  # noqa: E402
+from synthetic import write_official_tokenizer  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures"
 
 QUESTION = "What is in the picture?"
 NEW_TOKENS = 16

@@ -1,7 +1,7 @@
 """Regenerate tests/fixtures/encoder_reference.safetensors with timm's FastViTHD (`fastvit_mci3`).
 
 timm computes exactly Apple's FastViTHD and is independent of our code, so its outputs on the same
-synthetic weights (tests/synthetic.py) are the reference for tests/test_repmixer.py. timm needs
+synthetic weights (tools/synthetic.py) are the reference for tests/test_repmixer.py. timm needs
 torchvision, which needs a torch build other than the project's, so run this once in its own venv:
 
     python -m venv /tmp/venv-timm
@@ -9,43 +9,22 @@ torchvision, which needs a torch build other than the project's, so run this onc
     /tmp/venv-timm/bin/pip install timm safetensors numpy
     /tmp/venv-timm/bin/python tests/make_encoder_fixtures.py
 
+(tools/synthetic.py's `timm_encoder` builds timm's model on the synthetic weights.)
+
 It prints the timm version and the output spread; commit the resulting file (about 1 MB).
 """
 
-import re
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]  # tests/, repo root
-from synthetic import FIXTURES, synthetic_image, synthetic_state_dict  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "tools"), str(ROOT)]
+from synthetic import synthetic_image, timm_encoder  # noqa: E402
 
-PREFIX = "model.vision_tower.vision_tower.model."
-
-
-def timm_encoder(tensors=None):
-    """timm's FastViTHD holding the official-named `tensors` (default: the synthetic ones)."""
-    import timm
-    from timm.models.fastvit import checkpoint_filter_fn
-    from timm.utils.model import reparameterize_model
-
-    model = timm.create_model("fastvit_mci3", num_classes=0)
-    model = reparameterize_model(model).eval()         # the fused form the official weights are stored in
-    tensors = synthetic_state_dict(prefix=PREFIX) if tensors is None else tensors
-    official = {k[len(PREFIX):]: v for k, v in tensors.items()}
-    official.pop("head.proj")                           # the unused CLIP head
-    mapped = checkpoint_filter_fn(official, model)
-    # timm's filter is written for training-form names; two fused names need a hand: the positional
-    # encodings (`network.6.reparam_conv`, which it places in `blocks`) and `lkb_reparam`.
-    def fix(k):
-        k = re.sub(r"^(stages\.\d+)\.blocks\.reparam_conv", r"\1.pos_emb.reparam_conv", k)
-        return k.replace("lkb_reparam", "reparam_conv")
-    mapped = {fix(k): v for k, v in mapped.items()}
-    model.load_state_dict(mapped, strict=True)
-    print("timm", timm.__version__, "torch", torch.__version__)
-    return model
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
 def main():

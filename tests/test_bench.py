@@ -1,4 +1,4 @@
-"""bench.py cannot rot: every section runs on tiny shapes."""
+"""tools/bench.py cannot rot: every section runs on tiny shapes."""
 
 import subprocess
 import sys
@@ -8,7 +8,7 @@ ROOT = Path(__file__).parent.parent
 
 
 def test_bench_quick_runs_every_section(tmp_path):
-    run = subprocess.run([sys.executable, str(ROOT / "bench.py"), "all", "--quick", "--out", str(tmp_path)],
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "all", "--quick", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
@@ -27,13 +27,14 @@ def test_breakdown_rows_cover_every_flop_once():
     import bench
     import qwen2 as Q
     import repmixer as R
+    import speedups
 
     torch.manual_seed(0)
     cfg = bench.QUICK_VISION
-    encoder = R.FastViTHD(cfg).eval().optimize_for_inference()
+    encoder = speedups.apply(R.FastViTHD(cfg).eval().reparameterize())
     side = 128
-    image = torch.rand(1, 3, side, side).contiguous(memory_format=torch.channels_last)
-    llm = Q.Qwen2(bench.llm_config(quick=True)).init_weights().eval()
+    image = torch.rand(1, 3, side, side)
+    llm = speedups.apply(Q.Qwen2(bench.llm_config(quick=True)).init_weights().eval())
     llm.setup_cache(16)
     T = 16
     embeds = torch.randn(1, T, llm.cfg.hidden_size)

@@ -16,8 +16,10 @@ from safetensors.torch import load_file, save_file
 import fastvlm as FV
 import repmixer as R
 from checkpoint import CheckpointError
-from synthetic import FIXTURES, manifest, write_fastvlm_checkpoint
+from synthetic import manifest, synthetic_state_dict, write_fastvlm_checkpoint
 from tolerance import assert_close
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 pytestmark = pytest.mark.inference
 ROOT = Path(__file__).parent.parent
@@ -163,6 +165,21 @@ def test_multi_turn_reusing_the_cache_equals_recomputing(small_folder):
     assert answers[0] == answers[1]
 
 
+def test_typed_image_marker_is_only_text(small_folder):
+    """User text is only text: an `<image>` typed in a question is tokenized as characters, in the first
+    turn and in a follow-up; the one placeholder is the template's."""
+    model, tokenizer, config = FV.FastVLM.from_pretrained(small_folder)
+    for question in ("What is in the picture?", "  spaces and 12+30 ", "答えて 🙂"):
+        assert FV.turn_ids(tokenizer, question, first=True) == FV.tokenize_with_image(tokenizer, FV.first_turn(question))
+        assert FV.turn_ids(tokenizer, question, first=False) == FV.tokenize_with_image(tokenizer, FV.next_turn(question))
+    chat = FV.Chat(model, tokenizer, FV.load_image(FIXTURES / "e2e_image.png"), config)
+    chat.ask("Is there an <image> tag here?", max_new_tokens=2)
+    chat.ask("And <image> again?", max_new_tokens=2)
+    assert chat.history.count(FV.IMAGE_TOKEN_INDEX) == 1
+    assert chat.pos == len(chat.history) - 1 + model.vision_tower.cfg.num_tokens()   # no second image in the cache
+    assert "<image> again?" in tokenizer.decode([i for i in chat.history if i >= 0], skip_special_tokens=False)
+
+
 def test_follow_up_turns_follow_the_qwen_2_template(small_folder):
     """The cache after two turns holds exactly the conversation in the `qwen_2` template of Apple's
     llava/conversation.py (sep_style CHATML), written out here independently of fastvlm.py's strings."""
@@ -217,3 +234,63 @@ def test_official_checkpoint_answers_through_infer_subprocess(official_folder, o
     greedy = load_file(str(FIXTURES / "e2e_reference.safetensors"))["greedy_ids"][:4].tolist()
     assert run.stdout.strip() == official_model[1].decode(greedy).strip()     # the reference's greedy answer
     assert "time to first token" in run.stderr and "vision encoder" in run.stderr and "prefill" in run.stderr
+
+
+# --- official vision-tower names (Apple's `network.N`, `reparam_conv`, ... onto ours) ---------------------
+
+@pytest.mark.parametrize("size", ["0.5b", "1.5b", "7b"])
+def test_every_manifest_key_maps_onto_the_model(size):
+    model = R.FastViTHD(fused=True)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    seen = set()
+    for key, shape, _ in manifest(size):
+        if not key.startswith(FV.VISION_PREFIX):
+            continue
+        mapped = FV.official_key(key[len(FV.VISION_PREFIX):])
+        if mapped is None:
+            assert key.endswith("head.proj")
+            continue
+        assert mapped in ours, f"{key} -> {mapped} is not a model tensor"
+        assert ours[mapped] == shape, key
+        seen.add(mapped)
+    assert seen == set(ours), f"not filled: {sorted(set(ours) - seen)[:3]}"
+
+
+def test_official_key_mapping_examples():
+    assert FV.official_key("patch_embed.0.reparam_conv.weight") == "stem.0.fused.weight"
+    assert FV.official_key("network.0.1.token_mixer.reparam_conv.bias") == "stages.0.blocks.1.token_mixer.fused.bias"
+    assert FV.official_key("network.1.proj.0.lkb_reparam.weight") == "stages.1.downsample.spatial.fused.weight"
+    assert FV.official_key("network.5.proj.1.reparam_conv.bias") == "stages.3.downsample.pointwise.fused.bias"
+    assert FV.official_key("network.6.reparam_conv.weight") == "stages.3.cpe.fused.weight"
+    assert FV.official_key("network.10.1.convffn.conv.bn.running_var") == "stages.4.blocks.1.convffn.local.bn.running_var"
+    assert FV.official_key("network.7.3.token_mixer.qkv.weight") == "stages.3.blocks.3.token_mixer.qkv.weight"
+    assert FV.official_key("conv_exp.se.reduce.weight") == "expand.se.reduce.weight"
+    assert FV.official_key("head.proj") is None
+
+
+def test_loader_names_the_bad_key():
+    vt = synthetic_state_dict(prefix=FV.VISION_PREFIX)
+    bad_shape = dict(vt)
+    key = FV.VISION_PREFIX + "network.2.3.convffn.fc1.weight"
+    bad_shape[key] = torch.zeros(5, 5, 1, 1)
+    with pytest.raises(CheckpointError, match=r"'model\.vision_tower\.vision_tower\.model\.network\.2\.3\.convffn\.fc1\.weight' "
+                       r"\(ours: stages\.1\.blocks\.3\.convffn\.fc1\.weight\).*\(5, 5, 1, 1\)"):
+        FV.load_official(R.FastViTHD(fused=True), bad_shape)
+    missing = dict(vt)
+    del missing[FV.VISION_PREFIX + "conv_exp.se.expand.bias"]
+    with pytest.raises(CheckpointError, match=r"missing tensor '.*model\.conv_exp\.se\.expand\.bias' \(ours: expand\.se\.expand\.bias\)"):
+        FV.load_official(R.FastViTHD(fused=True), missing)
+    extra = dict(vt)
+    extra[FV.VISION_PREFIX + "network.11.0.layer_scale"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match=r"network\.11\.0\.layer_scale"):
+        FV.load_official(R.FastViTHD(fused=True), extra)
+    with pytest.raises(ValueError, match="fused=True"):
+        FV.load_official(R.FastViTHD(), vt)
+
+
+def test_official_key_mapping_round_trips_both_ways():
+    for cfg in (R.FASTVITHD, SMALL_VISION):
+        names = R.FastViTHD(cfg, fused=True).state_dict()
+        assert all(FV.official_key(FV.to_official_key(k, cfg), cfg) == k for k in names)
+    official = [k[len(FV.VISION_PREFIX):] for k, _, _ in manifest() if k.startswith(FV.VISION_PREFIX)]
+    assert all(FV.to_official_key(FV.official_key(k)) == k for k in official if not k.startswith("head."))

@@ -127,6 +127,12 @@ def test_model_folder_incomplete(capsys, model_dir, photo, tmp_path, drop, messa
     assert_one_line_error(*run(capsys, photo, "q", "--model", folder), message)
 
 
+def test_damaged_tokenizer_file(capsys, model_dir, photo, tmp_path):
+    folder = copy_model(model_dir, tmp_path)
+    (folder / "tokenizer.json").write_text("{ not json")
+    assert_one_line_error(*run(capsys, photo, "q", "--model", folder), "tokenizer files are not readable")
+
+
 def test_pickled_weights_refused_with_conversion_hint(capsys, model_dir, photo, tmp_path):
     folder = copy_model(model_dir, tmp_path, ("model.safetensors",))
     torch.save({"x": torch.zeros(1)}, folder / "pytorch_model.bin")
@@ -175,7 +181,7 @@ def test_no_default_model_yet(capsys, photo, monkeypatch, tmp_path):
 
 def test_greedy_is_deterministic_and_sampling_is_seeded(capsys, model_dir, photo):
     """Each sampling option reaches the sampler: a seeded sample repeats, differs from greedy and from
-    another seed's (so --temperature and --seed are used), and a vanishing --top-p leaves the top token
+    a sample with another seed (so --temperature and --seed are used), and a vanishing --top-p leaves the top token
     only, which is greedy again (so --top-p is used)."""
     base = ["--model", model_dir, "--max-new-tokens", "8"]
     greedy, again = run(capsys, photo, "q?", *base), run(capsys, photo, "q?", *base)
@@ -187,6 +193,13 @@ def test_greedy_is_deterministic_and_sampling_is_seeded(capsys, model_dir, photo
     assert s3[1] != greedy[1] and s4[1] != greedy[1] and s3[1] != s4[1]
     nucleus = run(capsys, photo, "q?", *hot, "--seed", "3", "--top-p", "1e-9")
     assert nucleus[1] == greedy[1]
+
+
+def test_plain_model_gives_the_same_answer(capsys, model_dir, photo):
+    """--plain skips the speed step: the same greedy answer from the plain model files."""
+    base = [photo, "q?", "--model", model_dir, "--max-new-tokens", "8"]
+    fast, plain = run(capsys, *base), run(capsys, *base, "--plain")
+    assert fast[0] == plain[0] == 0 and fast[1] == plain[1] and fast[1].strip()
 
 
 def test_bfloat16_on_cpu_runs(capsys, model_dir, photo):

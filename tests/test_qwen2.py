@@ -7,6 +7,7 @@ import torch
 import transformers
 from hypothesis import given, settings, strategies as st
 
+import fastvlm as FV
 import qwen2 as Q
 from checkpoint import CheckpointError
 from synthetic import hf_reference, synthetic_llm_tensors, write_official_tokenizer
@@ -20,7 +21,7 @@ TINY_UNTIED = Q.Qwen2Config(**{**TINY.__dict__, "tie_word_embeddings": False, "n
 
 
 def ours(cfg, dtype=torch.float32, tied=None):
-    return Q.load_llm(cfg, synthetic_llm_tensors(cfg, tied), dtype=dtype)
+    return FV.load_llm(cfg, synthetic_llm_tensors(cfg, tied), dtype=dtype)
 
 
 def prompt(cfg, length, seed=0):
@@ -120,6 +121,40 @@ def test_grouped_query_attention_equals_multi_head_with_repeated_kv(kv_heads, le
         Q.Attention.use_sdpa = True
 
 
+@settings(deadline=None, max_examples=40)
+@given(start=st.integers(0, 12), length=st.integers(1, 12), cached=st.booleans(), seed=st.integers(0, 99))
+def test_both_attention_paths_agree_and_never_see_later_tokens(tiny64, start, length, cached, seed):
+    """For every start position, length, and with or without a cache, SDPA and the plain softmax
+    path give the same logits, and no position's logits change when a later token changes."""
+    ids = prompt(TINY, start + length, seed=seed)
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % TINY.vocab_size
+
+    def run(tokens, sdpa):
+        Q.Attention.use_sdpa = sdpa
+        try:
+            if cached:
+                tiny64.setup_cache(max_len=32)
+                if start:
+                    tiny64(tokens[:, :start], start=0)            # the earlier positions, in the cache
+            return tiny64(tokens[:, start:], start=start)         # (1, length, vocab)
+        finally:
+            Q.Attention.use_sdpa = True
+            tiny64.drop_cache()
+
+    sdpa, plain = run(ids, True), run(ids, False)
+    assert (sdpa - plain).abs().max() < 1e-10
+    later = run(changed, True)
+    assert torch.equal(later[:, :-1], sdpa[:, :-1])                # only the last position may change
+
+
+def test_causal_mask_by_hand():
+    """Two queries after three cached keys see keys 0-3 and 0-4; a lone query needs no mask."""
+    assert Q.causal_mask(1, 9) is None
+    assert Q.causal_mask(2, 5).tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+    assert Q.causal_mask(3, 3).tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+
+
 def test_sdpa_and_plain_attention_agree(tiny64):
     ids = prompt(TINY, 17)
     fast = tiny64(ids)
@@ -136,7 +171,7 @@ def test_sdpa_and_plain_attention_agree(tiny64):
 def check_against_transformers(cfg, tied, length=20, new_tokens=32):
     tensors = synthetic_llm_tensors(cfg, tied)
     ref = hf_reference(cfg, tensors)
-    model = Q.load_llm(cfg, tensors)
+    model = FV.load_llm(cfg, tensors)
     ids = prompt(cfg, length, seed=2)          # a prompt whose greedy continuation is diverse (asserted below)
     expected = ref(ids).logits
     got = model(ids)
@@ -172,7 +207,7 @@ def test_from_pretrained_sharded_any_dtype(tmp_path, dtype, tied):
     ref = hf_reference(cfg, tensors).to(dtype)
     ref.save_pretrained(tmp_path, max_shard_size="100KB")    # several shards + model.safetensors.index.json
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    model = Q.Qwen2.from_pretrained(tmp_path, dtype=torch.float32)
+    model = FV.load_qwen2(tmp_path, dtype=torch.float32)
     assert model.cfg.tie_word_embeddings == tied
     assert (model.lm_head.weight is model.embed_tokens.weight) == tied
     expected = {k: v.float() for k, v in tensors.items()}
@@ -185,13 +220,13 @@ def test_loader_names_the_bad_key():
     tensors = synthetic_llm_tensors(TINY)
     bad = dict(tensors, **{"model.layers.1.mlp.up_proj.weight": torch.zeros(3, 3)})
     with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight'.*\(3, 3\)"):
-        Q.load_llm(TINY, bad)
+        FV.load_llm(TINY, bad)
     missing = dict(tensors)
     del missing["model.layers.0.self_attn.k_proj.bias"]
     with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.0\.self_attn\.k_proj\.bias'"):
-        Q.load_llm(TINY, missing)
+        FV.load_llm(TINY, missing)
     with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.layers\.2\.mlp\.up_proj\.weight'"):
-        Q.load_llm(TINY, dict(tensors, **{"model.layers.2.mlp.up_proj.weight": torch.zeros(96, 64)}))
+        FV.load_llm(TINY, dict(tensors, **{"model.layers.2.mlp.up_proj.weight": torch.zeros(96, 64)}))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -248,7 +283,7 @@ def test_sample_top_p_keeps_the_nucleus_only():
 @pytest.fixture(scope="module")
 def tokenizers_pair(tmp_path_factory):
     folder = write_official_tokenizer(tmp_path_factory.mktemp("tok"))
-    return Q.Tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder), folder
+    return FV.load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder), folder
 
 
 TRICKY = [
@@ -316,6 +351,6 @@ def test_tokenizer_specials_and_length(tokenizers_pair, tmp_path):
     assert [mine.token_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [151643, 151644, 151645]
     assert mine.decode([151644, 9707, 151645]) == "Hello"
     mine.tok.save(str(tmp_path / "tokenizer.json"))            # the tokenizer.json path gives the same ids
-    assert Q.Tokenizer(tmp_path).encode(TRICKY[1] + TRICKY[9]) == mine.encode(TRICKY[1] + TRICKY[9])
+    assert FV.load_tokenizer(tmp_path).encode(TRICKY[1] + TRICKY[9]) == mine.encode(TRICKY[1] + TRICKY[9])
     with pytest.raises(CheckpointError, match="no tokenizer"):
-        Q.Tokenizer(tmp_path / "nothing")
+        FV.load_tokenizer(tmp_path / "nothing")

@@ -224,6 +224,11 @@ def test_bad_data_is_named(capsys, data, tmp_path):
     no_answer = [rec, {**rec, "id": "q", "conversations": [{"from": "human", "value": "<image>\nhi"}]}]
     assert "no assistant" in one_line_error(capsys, run(write_data(tmp_path, no_answer)))
     assert "needs 'image'" in one_line_error(capsys, run(write_data(tmp_path, [{"id": 1}])))
+    # a second <image> in a later turn used to be embedded silently as token 0
+    turns = rec["conversations"][:2] + [{"from": "human", "value": "<image>\nAnd this one?"},
+                                        {"from": "gpt", "value": "no"}]
+    msg = one_line_error(capsys, run(write_data(tmp_path, [rec, {**rec, "id": "two", "conversations": turns}])))
+    assert "record 1 (id 'two')" in msg and "turn 2" in msg and "one image per conversation" in msg
 
 
 def test_unreadable_image_names_the_record(capsys, data, tmp_path):
@@ -288,6 +293,6 @@ def test_init_from_hf_qwen2_plus_fastvlm_vision_tower(data, tmp_path):
     model, tokenizer, _ = FV.FastVLM.from_pretrained(out)
     reference, _, _ = FV.FastVLM.from_pretrained(vision)
     assert len(tokenizer) == 151646
-    llm = Q.Qwen2.from_pretrained(llm_dir)
+    llm = FV.load_qwen2(llm_dir)
     assert torch.equal(model.llm.layers[1].mlp.up_proj.weight, llm.layers[1].mlp.up_proj.weight)
     assert torch.equal(model.vision_tower.stages[4].cpe.fused.weight, reference.vision_tower.stages[4].cpe.fused.weight)

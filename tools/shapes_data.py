@@ -7,8 +7,8 @@ colour (binding colour to object), the count, whether a combination is present, 
 (the miniature of the paper's alignment data). A *blind* baseline (the same questions about a blank
 image) shows how far the question alone gets: near chance.
 
-    python shapes_data.py generate --out data/shapes --train 20000 --heldout 500 --seed 0
-    python shapes_data.py evaluate --model models/fastvlm-tiny --samples 500 --seed 1234
+    python tools/shapes_data.py generate --out data/shapes --train 20000 --heldout 500 --seed 0
+    python tools/shapes_data.py evaluate --model models/fastvlm-tiny --samples 500 --seed 1234
 """
 
 import argparse
@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))    # the model files, when run as a script
 
 COLORS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 225), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")

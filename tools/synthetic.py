@@ -1,8 +1,9 @@
 """Deterministic random weights in the official layout, rebuilt identically on any machine.
 
-Every tensor is drawn from numpy's PCG64 seeded with the CRC32 of its official key, so our tests and
-the fixture script (run once in another environment with timm) build bit-identical weights without
-storing hundreds of MB.
+Every tensor is drawn from numpy's PCG64 seeded with the CRC32 of its official key, so the tests, the
+benchmarks and the fixture scripts (run once in another environment with timm) build bit-identical
+weights without storing hundreds of MB. The official key names come from the manifests in
+tools/reference/ (every key and shape of the released 0.5B, 1.5B and 7B checkpoints).
 
 The scales are chosen so that the comparisons built on these weights can fail. A comparison on a
 tower whose output has collapsed, exploded or gone dead proves little: with plain unit-gain weights
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FIXTURES = Path(__file__).parent / "fixtures"
+REFERENCE = Path(__file__).parent / "reference"   # key manifests and parameter counts of the release
 # Fused kernels that hold an identity (RepMixer: x + ls * (mixer(x) - BN(x)); RepCPE: x + pe(x)): the
 # identity at the centre tap plus a small random part, so that 36 such blocks in a row neither blow up
 # nor reduce to the identity.
@@ -46,7 +47,7 @@ GELU_GAIN = 1.6
 
 def manifest(size="0.5b"):
     """(key, shape, dtype) for every tensor of the official `size` checkpoint, from the shared manifest."""
-    rows = (FIXTURES / f"fastvlm_{size}_state_dict.tsv").read_text().splitlines()[1:]
+    rows = (REFERENCE / f"fastvlm_{size}_state_dict.tsv").read_text().splitlines()[1:]
     out = []
     for row in rows:
         key, shape, dtype = row.split("\t")[:3]
@@ -114,6 +115,32 @@ def synthetic_llm_tensors(cfg, tied=None):
     if not tied:
         shapes["lm_head.weight"] = (cfg.vocab_size, d)
     return {k: synthetic_tensor(k, s) for k, s in shapes.items()}
+
+
+TIMM_PREFIX = "model.vision_tower.vision_tower.model."   # the official vision-tower prefix
+
+
+def timm_encoder(tensors=None):
+    """timm's FastViTHD holding the official-named `tensors` (default: the synthetic ones)."""
+    import timm
+    from timm.models.fastvit import checkpoint_filter_fn
+    from timm.utils.model import reparameterize_model
+
+    model = timm.create_model("fastvit_mci3", num_classes=0)
+    model = reparameterize_model(model).eval()         # the fused form the official weights are stored in
+    tensors = synthetic_state_dict(prefix=TIMM_PREFIX) if tensors is None else tensors
+    official = {k[len(TIMM_PREFIX):]: v for k, v in tensors.items()}
+    official.pop("head.proj")                           # the unused CLIP head
+    mapped = checkpoint_filter_fn(official, model)
+    # timm's filter is written for training-form names; two fused names need a hand: the positional
+    # encodings (`network.6.reparam_conv`, which it places in `blocks`) and `lkb_reparam`.
+    def fix(k):
+        k = re.sub(r"^(stages\.\d+)\.blocks\.reparam_conv", r"\1.pos_emb.reparam_conv", k)
+        return k.replace("lkb_reparam", "reparam_conv")
+    mapped = {fix(k): v for k, v in mapped.items()}
+    model.load_state_dict(mapped, strict=True)
+    print("timm", timm.__version__, "torch", torch.__version__)
+    return model
 
 
 QWEN2_SPECIALS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
@@ -192,18 +219,19 @@ SMALL_LLM = dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_h
 def fastvlm_tensors(llm_fields=SMALL_LLM, vision_cfg=None, tied=True):
     """Official-layout tensors: full FastViTHD (or a small config), the projector, a Qwen2 of `llm_fields`
     (with its own `lm_head.weight` when not `tied`, as the 7B has)."""
+    import fastvlm
     import qwen2
     import repmixer
 
     llm_cfg = qwen2.Qwen2Config.from_dict({**OFFICIAL_CONFIG, **llm_fields})
     if vision_cfg is None:
-        tensors = synthetic_state_dict(prefix=repmixer.OFFICIAL_PREFIX)
+        tensors = synthetic_state_dict(prefix=fastvlm.VISION_PREFIX)
         out_channels = 3072
     else:
         names = repmixer.FastViTHD(vision_cfg, fused=True).state_dict()
         tensors = {}
         for name, value in names.items():
-            key = repmixer.OFFICIAL_PREFIX + repmixer.to_official_key(name, vision_cfg)
+            key = fastvlm.VISION_PREFIX + fastvlm.to_official_key(name, vision_cfg)
             tensors[key] = synthetic_tensor(key, tuple(value.shape), "int64" if value.dtype == torch.int64 else "float")
         out_channels = vision_cfg.out_channels
     d = llm_cfg.hidden_size

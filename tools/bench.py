@@ -1,15 +1,15 @@
 """Benchmarks: the paper's efficiency analysis re-measured on the machine at hand. Timings live here,
-never in tests. Random weights at the real shapes (tests/synthetic.py), no download.
+never in tests. Random weights at the real shapes (tools/synthetic.py), no download.
 
-    python bench.py reparam     FastViTHD training form vs fused form (1024 px)
-    python bench.py encoder     FastViTHD vs ViT-L/14 at 256-1024 px: latency, FLOPs, tokens (+ plot)
-    python bench.py decoder     Qwen2-0.5B shapes: prefill 300 tokens and decode, vs transformers' Qwen2
-    python bench.py ttft        FastVLM-0.5B at 1024 px: TTFT broken down, decode, follow-up turn, vs
-                                transformers' FastVlmForConditionalGeneration when it (and timm) is installed
-    python bench.py breakdown   where the time goes: every block of the encoder and of the prefill, its
-                                FLOPs and GFLOP/s against the matmul probe
-    python bench.py probe       the machine's ceiling: fp32 matmul GFLOP/s and copy bandwidth
-    python bench.py threads     decode speed under OMP_WAIT_POLICY and thread-count settings
+    python tools/bench.py reparam     FastViTHD training form vs fused form (1024 px)
+    python tools/bench.py encoder     FastViTHD vs ViT-L/14 at 256-1024 px: latency, FLOPs, tokens (+ plot)
+    python tools/bench.py decoder     Qwen2-0.5B shapes: prefill 300 tokens and decode, vs transformers' Qwen2
+    python tools/bench.py ttft        FastVLM-0.5B at 1024 px: TTFT broken down, decode, follow-up turn, vs
+                                      transformers' FastVlmForConditionalGeneration when it (and timm) is installed
+    python tools/bench.py breakdown   where the time goes: every block of the encoder and of the prefill, its
+                                      FLOPs and GFLOP/s against the matmul probe
+    python tools/bench.py probe       the machine's ceiling: fp32 matmul GFLOP/s and copy bandwidth
+    python tools/bench.py threads     decode speed under OMP_WAIT_POLICY and thread-count settings
     add --quick for tiny shapes and one run (the smoke test does this)
 
 Medians over --runs runs after one warm-up. Every table prints the torch version, thread count and
@@ -17,7 +17,6 @@ OpenMP settings it ran under; plots go to --out (default results/).
 """
 
 import argparse
-import contextlib
 import os
 import statistics
 import subprocess
@@ -29,12 +28,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import onednn
-import qwen2 as Q
-import repmixer as R
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))                                   # the model files, when run as a script
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT / "tests"))
+import fastvlm as FV  # noqa: E402
+import qwen2 as Q  # noqa: E402
+import repmixer as R  # noqa: E402
+import speedups  # noqa: E402
 
 
 # --quick: FastViTHD's structure at toy widths, so that every section runs in seconds.
@@ -58,7 +58,7 @@ def settings_line():
 
 
 def flops_of(fn):
-    with onednn.flop_counter() as counter:
+    with speedups.flop_counter() as counter:
         fn()
     return counter.get_total_flops()
 
@@ -97,8 +97,8 @@ class ViT(nn.Module):
         self.cls = nn.Parameter(torch.zeros(1, 1, width))
         self.pre = nn.LayerNorm(width)
         self.blocks = nn.ModuleList(nn.ModuleDict(dict(
-            ln1=nn.LayerNorm(width), qkv=onednn.Linear(width, 3 * width), proj=onednn.Linear(width, width),
-            ln2=nn.LayerNorm(width), fc1=onednn.Linear(width, mlp), fc2=onednn.Linear(mlp, width)))
+            ln1=nn.LayerNorm(width), qkv=speedups.FastLinear(width, 3 * width), proj=speedups.FastLinear(width, width),
+            ln2=nn.LayerNorm(width), fc1=speedups.FastLinear(width, mlp), fc2=speedups.FastLinear(mlp, width)))
             for _ in range(depth))  # the same oneDNN kernels as FastViTHD, so the ratio compares architectures
 
     def forward(self, x):
@@ -108,7 +108,7 @@ class ViT(nn.Module):
         for blk in self.blocks:
             q, k, v = blk.qkv(blk.ln1(x)).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
             x = x + blk.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
-            x = x + blk.fc2(onednn.linear_gelu(blk.ln2(x), blk.fc1))
+            x = x + blk.fc2(speedups.linear_gelu(blk.ln2(x), blk.fc1))
         return x
 
 
@@ -120,7 +120,7 @@ def bench_encoder(args):
         vit = ViT(width=64, depth=2, heads=2)
     else:
         fast, vit = R.FastViTHD(fused=True), ViT()
-    fast.optimize_for_inference(), vit.eval()                 # the inference form FastVLM runs
+    speedups.apply(fast.reparameterize().eval()), vit.eval()  # the inference form FastVLM runs
     rows = []
     print(f"encoder scaling, batch 1, fp32 -- {settings_line()}")
     print("| resolution | FastViTHD (s) | ViT-L/14 (s) | ViT / FastViTHD | FastViTHD GFLOPs | ViT-L/14 GFLOPs | tokens FastViTHD / ViT |")
@@ -128,8 +128,7 @@ def bench_encoder(args):
     for side in sides:
         x = torch.rand(1, 3, side, side)
         runs = 1 if args.quick else args.runs
-        x_cl = x.contiguous(memory_format=torch.channels_last)
-        t_fast = median_seconds(lambda: fast(x_cl), runs)
+        t_fast = median_seconds(lambda: fast(x), runs)
         t_vit = median_seconds(lambda: vit(x), 1 if (args.quick or side >= 768) else runs)
         f_fast, f_vit = flops_of(lambda: fast(x)), flops_of(lambda: vit(x))
         tokens = ((side // 64) ** 2, (side // 14) ** 2)
@@ -186,7 +185,7 @@ def bench_decoder(args):
 
     cfg = llm_config(args.quick)
     tensors = synthetic_llm_tensors(cfg)
-    ours = Q.load_llm(cfg, tensors)
+    ours = speedups.apply(FV.load_llm(cfg, tensors))
     prompt_len, new = (20, 8) if args.quick else (300, 32)
     ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     ref = None if args.no_reference else hf_qwen2(cfg, tensors)
@@ -251,7 +250,6 @@ def bench_ttft(args):
     import numpy as np
     from PIL import Image
 
-    import fastvlm as FV
     from synthetic import SMALL_LLM, write_fastvlm_checkpoint
 
     folder = Path(tempfile.mkdtemp())
@@ -263,48 +261,57 @@ def bench_ttft(args):
                   "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}
         write_fastvlm_checkpoint(folder, fields, dtype=torch.float32)
     model, tokenizer, config = FV.FastVLM.from_pretrained(folder)
+    plain, _, _ = FV.FastVLM.from_pretrained(folder, fast=False)   # the model files alone, no speed step
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
     new = 4 if args.quick else 16
     runs = 1 if args.quick else args.runs
 
-    def ours_first_turn():
-        chat = FV.Chat(model, tokenizer, image, config)
+    def two_turns(m):
+        chat = FV.Chat(m, tokenizer, image, config)
         chat.ask(QUESTION, max_new_tokens=new)
-        return chat
-
-    hf_once = hf_fastvlm_ttft(folder, image, new, args.quick)
-    timings, hf_runs = [], []
-    for i in range(runs + 1):                               # ours and transformers' alternate
-        chat = ours_first_turn()
         first = chat.timing
         chat.ask(FOLLOW_UP, max_new_tokens=new)
-        timings.append((first, chat.timing))
+        return first, chat.timing
+
+    hf_once = hf_fastvlm_ttft(folder, image, new, args.quick)
+    timings, plain_timings, hf_runs = [], [], []
+    for i in range(runs + 1):                               # ours, plain and transformers' alternate
+        timings.append(two_turns(model))
+        plain_timings.append(two_turns(plain))
         if hf_once and i > 0:
             hf_runs.append(hf_once())
-    timings = timings[1:]                                   # the first was the warm-up
-    med = lambda f: statistics.median(f(t) for t in timings)  # noqa: E731
-    ours = {"preprocess": med(lambda t: t[0].preprocess), "encoder": med(lambda t: t[0].encoder),
-            "projector": med(lambda t: t[0].projector), "prefill": med(lambda t: t[0].prefill),
-            "ttft": med(lambda t: t[0].ttft), "tokens": timings[0][0].prompt_tokens,
-            "decode": med(lambda t: (t[0].new_tokens - 1) / t[0].decode if t[0].decode else 0.0),
-            "follow_up": med(lambda t: t[1].ttft)}
+
+    def summary(runs_):
+        runs_ = runs_[1:]                                   # the first was the warm-up
+        med = lambda f: statistics.median(f(t) for t in runs_)  # noqa: E731
+        return {"preprocess": med(lambda t: t[0].preprocess), "encoder": med(lambda t: t[0].encoder),
+                "projector": med(lambda t: t[0].projector), "prefill": med(lambda t: t[0].prefill),
+                "ttft": med(lambda t: t[0].ttft), "tokens": runs_[0][0].prompt_tokens,
+                "decode": med(lambda t: (t[0].new_tokens - 1) / t[0].decode if t[0].decode else 0.0),
+                "follow_up": med(lambda t: t[1].ttft)}
+
+    ours, plain_ours = summary(timings), summary(plain_timings)
     gflops, gbps = probe(args, quiet=True)
     pixels = FV.preprocess(image, model.image_size)[None]
     ids = FV.tokenize_with_image(tokenizer, FV.first_turn(QUESTION))
-    with onednn.flop_counter() as counter:                  # one encoder pass: its FLOPs and its features
+    with speedups.flop_counter() as counter:                  # one encoder pass: its FLOPs and its features
         features = model.vision_tower(pixels)
     enc_flops = counter.get_total_flops()
     embeds = model.embed(ids, model.mm_projector(R.to_tokens(features)))
     prefill_flops = flops_of(lambda: model.llm(embeds=embeds, last_only=True))
     print(f"FastVLM {'tiny' if args.quick else '0.5B'} at {model.image_size} px, fp32, "
           f"{ours['tokens']} prompt tokens -- {settings_line()}")
-    print("| phase | ours (ms) | machine use |\n|---|---|---|")
-    print(f"| preprocess | {ours['preprocess'] * 1e3:.0f} | |")
-    print(f"| vision encoder | {ours['encoder'] * 1e3:.0f} | {enc_flops / ours['encoder'] / 1e9 / gflops:.0%} of the matmul probe |")
-    print(f"| projector | {ours['projector'] * 1e3:.1f} | |")
-    print(f"| LLM prefill | {ours['prefill'] * 1e3:.0f} | {prefill_flops / ours['prefill'] / 1e9 / gflops:.0%} of the matmul probe |")
-    print(f"| **TTFT** | **{ours['ttft'] * 1e3:.0f}** | |")
-    print(f"| follow-up turn TTFT | {ours['follow_up'] * 1e3:.0f} | |")
+    use = lambda flops, s: f"{flops / s / 1e9 / gflops:.0%} of the matmul probe"  # noqa: E731
+    print("| phase | ours (ms) | machine use | plain model files, no speed step (ms) |\n|---|---|---|---|")
+    print(f"| preprocess | {ours['preprocess'] * 1e3:.0f} | | {plain_ours['preprocess'] * 1e3:.0f} |")
+    print(f"| vision encoder | {ours['encoder'] * 1e3:.0f} | {use(enc_flops, ours['encoder'])} | "
+          f"{plain_ours['encoder'] * 1e3:.0f} |")
+    print(f"| projector | {ours['projector'] * 1e3:.1f} | | {plain_ours['projector'] * 1e3:.1f} |")
+    print(f"| LLM prefill | {ours['prefill'] * 1e3:.0f} | {use(prefill_flops, ours['prefill'])} | "
+          f"{plain_ours['prefill'] * 1e3:.0f} |")
+    print(f"| **TTFT** | **{ours['ttft'] * 1e3:.0f}** | | {plain_ours['ttft'] * 1e3:.0f} |")
+    print(f"| follow-up turn TTFT | {ours['follow_up'] * 1e3:.0f} | | {plain_ours['follow_up'] * 1e3:.0f} |")
+    print(f"| decode tokens/s | {ours['decode']:.1f} | | {plain_ours['decode']:.1f} |")
     bytes_per_token = sum(p.numel() for p in model.llm.parameters()) * 4
     print(f"decode: {ours['decode']:.1f} tokens/s = {ours['decode'] * bytes_per_token / 1e9:.1f} GB/s of weights "
           f"(copy probe {gbps:.1f} GB/s); matmul probe {gflops:.1f} GFLOP/s")
@@ -336,9 +343,8 @@ def hf_fastvlm_ttft(folder, image, new, quick):
     if quick:
         print("(--quick: the transformers reference needs the released vision tower; skipped)")
         return None
-    import fastvlm as FV
     from checkpoint import read_safetensors
-    from make_encoder_fixtures import timm_encoder
+    from synthetic import timm_encoder
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     tensors = read_safetensors(folder)
@@ -347,7 +353,7 @@ def hf_fastvlm_ttft(folder, image, new, quick):
         "num_key_value_heads", "rope_theta", "rms_norm_eps", "max_position_embeddings")}, tie_word_embeddings=True)
     config = FastVlmConfig(text_config=text, image_token_index=151646, image_seq_length=256)
     model = FastVlmForConditionalGeneration(config).eval()
-    timm_model = timm_encoder({k: v for k, v in tensors.items() if k.startswith(R.OFFICIAL_PREFIX)})
+    timm_model = timm_encoder({k: v for k, v in tensors.items() if k.startswith(FV.VISION_PREFIX)})
     model.model.vision_tower.timm_model.load_state_dict(timm_model.state_dict(), strict=False)
     model.model.multi_modal_projector.linear_1.load_state_dict(
         {"weight": tensors["model.mm_projector.0.weight"], "bias": tensors["model.mm_projector.0.bias"]})
@@ -359,7 +365,7 @@ def hf_fastvlm_ttft(folder, image, new, quick):
     model.lm_head.weight = model.model.language_model.embed_tokens.weight
     processor = CLIPImageProcessorPil(crop_size={"height": 1024, "width": 1024}, image_mean=[0.0] * 3,
                                       image_std=[1.0] * 3, size={"shortest_edge": 1024})
-    tokenizer = Q.Tokenizer(folder)
+    tokenizer = FV.load_tokenizer(folder)
 
     def prompt_ids(text):
         ids = FV.tokenize_with_image(tokenizer, text)
@@ -404,7 +410,7 @@ def bench_threads(args):
             env.pop("OMP_WAIT_POLICY", None)
             if policy != "(unset)":
                 env["OMP_WAIT_POLICY"] = policy
-            cmd = [sys.executable, str(ROOT / "bench.py"), "decoder", "--runs", "1", "--no-reference"] + (
+            cmd = [sys.executable, str(ROOT / "tools" / "bench.py"), "decoder", "--runs", "1", "--no-reference"] + (
                 ["--quick"] if args.quick else [])
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200).stdout
             line = next((l for l in out.splitlines() if l.startswith("| ours")), "| ours | ? | ? |")
@@ -416,8 +422,8 @@ def bench_reparam(args):
 
     Four forms, measured in rotation (one run of each, repeated) so that load drifting on a shared
     machine hits them alike: the training form and the fused form, each with plain PyTorch ops (what a
-    training step runs) and with the oneDNN post-ops of onednn.py; the last row, fused + ConvFFN
-    BatchNorm folded + channels-last + oneDNN post-ops, is what inference runs.
+    training step runs) and with the speed step of speedups.py; the last row, fused + ConvFFN
+    BatchNorm folded + the speed step (channels-last, oneDNN post-ops), is what inference runs.
     """
     import copy
 
@@ -426,29 +432,27 @@ def bench_reparam(args):
     torch.manual_seed(0)
     training = R.FastViTHD(cfg).eval()
     fused = copy.deepcopy(training).reparameterize()
-    inference = copy.deepcopy(training).optimize_for_inference()
+    forms = [("training (branches), plain ops", training),
+             ("training (branches), speed step", speedups.apply(copy.deepcopy(training))),
+             ("fused (reparameterized, BN folded), plain ops", fused),
+             ("inference: fused + BN folded + speed step (channels-last, oneDNN post-ops)",
+              speedups.apply(copy.deepcopy(fused)))]
     x = torch.rand(1, 3, side, side)
-    x_cl = x.contiguous(memory_format=torch.channels_last)
-    forms = [("training (branches), plain ops", training, x, False),
-             ("training (branches), oneDNN post-ops", training, x, True),
-             ("fused (reparameterized), plain ops", fused, x, False),
-             ("inference: fused + BN folded + channels-last + oneDNN post-ops", inference, x_cl, True)]
 
-    def run(model, inp, kernels):
-        with contextlib.nullcontext() if kernels else onednn.plain_ops():
-            t = time.perf_counter()
-            out = model(inp)
-            return time.perf_counter() - t, out
+    def run(model):
+        t = time.perf_counter()
+        out = model(x)
+        return time.perf_counter() - t, out
 
     runs = 1 if args.quick else args.runs
-    times = {name: [] for name, *_ in forms}
+    times = {name: [] for name, _ in forms}
     with torch.no_grad():
-        reference = run(training, x, False)[1]
-        errors = {name: ((run(m, inp, k)[1] - reference).abs().max() / reference.abs().max()).item()
-                  for name, m, inp, k in forms}                 # (also the warm-up)
+        reference = run(training)[1]
+        errors = {name: ((run(m)[1] - reference).abs().max() / reference.abs().max()).item()
+                  for name, m in forms}                         # (also the warm-up)
         for _ in range(runs):
-            for name, model, inp, kernels in forms:
-                times[name].append(run(model, inp, kernels)[0])
+            for name, model in forms:
+                times[name].append(run(model)[0])
     t = {name: statistics.median(v) for name, v in times.items()}
     base = t[forms[0][0]]
     print(f"FastViTHD at {side}px, batch 1, fp32, medians of {runs} rotations -- {settings_line()}")
@@ -457,7 +461,7 @@ def bench_reparam(args):
         print(f"| {name} | {t[name]:.2f} | {base / t[name]:.2f}x | {errors[name]:.1e} |")
     names = [f[0] for f in forms]
     print(f"reparameterization alone: {t[names[0]] / t[names[2]]:.2f}x with plain ops, "
-          f"{t[names[1]] / t[names[3]]:.2f}x with the oneDNN post-ops; "
+          f"{t[names[1]] / t[names[3]]:.2f}x with the speed step; "
           f"training form as trained -> inference form as run: {base / t[names[3]]:.2f}x")
     return t
 
@@ -471,7 +475,7 @@ class BlockTimer:
 
     A labelled module's row gets its own time only: the time of labelled modules called inside it goes
     to theirs (so MHSA's row is its attention core, its qkv/proj linears have their own). FLOPs come
-    from a second pass under onednn.flop_counter().
+    from a second pass under speedups.flop_counter().
     """
 
     def __init__(self, labels):                                 # {module: row label}
@@ -510,7 +514,7 @@ class BlockTimer:
             total += time.perf_counter() - t
         seconds = {k: v / runs for k, v in self.time.items()}
         seconds["other (residual adds, reshapes, Python)"] = total / runs - sum(seconds.values())
-        with onednn.flop_counter() as self.counter:
+        with speedups.flop_counter() as self.counter:
             fn()
         self.counter = None
         for h in self.handles:
@@ -532,7 +536,9 @@ def encoder_rows(model):
             ffn = block.convffn
             labels[ffn.fused if ffn.is_fused else ffn.local] = depthwise
             c, hidden = ffn.fc1.in_channels, ffn.fc1.out_channels
-            labels[ffn] = f"ConvFFN 1x1 convs, stage {i} ({c} -> {hidden} -> {c})"
+            # the block too: with the speed step its forward runs the 1x1 convs itself (speedups.py),
+            # so its own time is those convs and the residual adds
+            labels[block] = labels[ffn] = f"ConvFFN 1x1 convs, stage {i} ({c} -> {hidden} -> {c})"
             if isinstance(block, R.RepMixerBlock):
                 labels[block.token_mixer] = depthwise
             else:
@@ -560,12 +566,11 @@ def ttft_prompt_tokens(cfg):
     """Length of bench ttft's first prompt: the template and QUESTION (Qwen2's real tokenizer) + the image."""
     import tempfile
 
-    import fastvlm as FV
     from synthetic import write_official_tokenizer
 
     with tempfile.TemporaryDirectory() as folder:
         write_official_tokenizer(folder)
-        ids = FV.tokenize_with_image(Q.Tokenizer(folder), FV.first_turn(QUESTION))
+        ids = FV.tokenize_with_image(FV.load_tokenizer(folder), FV.first_turn(QUESTION))
     return len(ids) - 1 + cfg.num_tokens()                      # <image> stands for the visual tokens
 
 
@@ -576,9 +581,9 @@ def bench_breakdown(args):
     the time if every FLOP ran at the probe's speed."""
     cfg = QUICK_VISION if args.quick else R.FASTVITHD
     torch.manual_seed(0)
-    encoder = R.FastViTHD(cfg).eval().optimize_for_inference()
-    image = torch.rand(1, 3, cfg.image_size, cfg.image_size).contiguous(memory_format=torch.channels_last)
-    llm = Q.Qwen2(llm_config(args.quick)).init_weights().eval()
+    encoder = speedups.apply(R.FastViTHD(cfg).eval().reparameterize())
+    image = torch.rand(1, 3, cfg.image_size, cfg.image_size)
+    llm = speedups.apply(Q.Qwen2(llm_config(args.quick)).init_weights().eval())
     prompt = ttft_prompt_tokens(cfg)
     embeds = torch.randn(1, prompt, llm.cfg.hidden_size) * 0.02
     llm.setup_cache(prompt)

@@ -1,0 +1,269 @@
+"""Every speed-up of the project, applied to a loaded model in one step: `speedups.apply(model)`.
+
+The model files (repmixer.py, qwen2.py, fastvlm.py) are plain PyTorch, written as the paper reads.
+This file makes them fast the way gpt-fast does: it swaps modules of a loaded model for subclasses
+whose `forward` computes the same math with faster kernels. A swap changes a module's class and
+nothing else, so the `state_dict()` (keys and values) is the same before and after, and the plain
+model stays one `fast=False` away (FastVLM.from_pretrained) for reading, training and checking.
+tests/test_speedups.py compares every swapped module with its plain self on the same weights, in the
+inference form (float32, no autograd, where the fused kernels run) and in training (autograd on,
+where every swapped module runs its plain forward). A swapped module whose activation is not the
+exact GELU the kernels apply runs its plain forward too.
+
+What is swapped, and why (measured numbers: docs/performance.md):
+
+1. An activation after a conv is a second pass over a large map. The ConvFFN's expansion writes a
+   (B, 4C, H, W) map that `F.gelu` then reads and writes again, and the exact (erf) GELU is costly
+   per element. oneDNN applies it to each output tile while the tile is still in registers (a
+   "post-op"): `conv_gelu`, used by the stem, downsampling and ConvFFN blocks.
+2. A residual add after a conv is another pass; oneDNN adds the residual as a post-op too:
+   `conv_scale_add`. `x + ls * conv(h)` needs the layer scale `ls` folded into the conv first:
+   ls * (W h + b) = (ls W) h + ls b, a product over the (small) weight instead of the (large) output.
+3. `F.linear` calls the BLAS, which on the CPUs measured ran Qwen2's shapes slower than oneDNN's own
+   matmul: every nn.Linear becomes `FastLinear`. oneDNN's 1x1 conv is slow on a small map with many
+   channels (stage 5 at 1024 px: 16 x 16 pixels, 6144 channels), where the same product as a matmul
+   over the pixels is faster: up to SMALL_MAP_PIXELS pixels a 1x1 conv runs as one.
+4. Channels-last: most of the encoder's time goes to 1x1 convs over large maps, which oneDNN runs as
+   products over (pixels x channels); with each pixel's channels contiguous no layout conversion is
+   needed around every conv, and the attention stages' flattening into tokens is a free view. The
+   encoder's weights are stored channels-last and `ChannelsLastFastViTHD` converts its input.
+
+torch exposes oneDNN's fused kernels as `torch.ops.mkldnn._convolution_pointwise` and
+`_linear_pointwise`, the ops torch.compile's CPU backend emits. They are private and have no
+autograd, so they run only when every condition of `fast_path()` holds: CPU tensors in float32, no
+gradient being recorded, a build that has them, and `enabled` left True. Otherwise each helper runs
+the plain expression written beside it. `apply()` swaps on CPU models only: these are CPU kernels,
+and which memory layout is fastest on a GPU is for the CUDA speed-ups to measure and choose; they go
+into the same function.
+"""
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import repmixer
+
+enabled = True
+
+_OPS = torch.ops.mkldnn
+HAVE_FUSED_OPS = (torch.backends.mkldnn.is_available()
+                  and hasattr(_OPS, "_convolution_pointwise") and hasattr(_OPS, "_linear_pointwise"))
+
+# Up to this many pixels a 1x1 conv runs as a matmul over the pixels (see 3. above): stage 5 at 1024 px
+# has 256 pixels; at stage 4's 1024 pixels the conv kernel measured faster.
+SMALL_MAP_PIXELS = 256
+
+
+@contextmanager
+def plain_ops():
+    """Run the plain expressions inside this block, e.g. for torch's FlopCounterMode, which sees aten ops only."""
+    global enabled
+    before, enabled = enabled, False
+    try:
+        yield
+    finally:
+        enabled = before
+
+
+@contextmanager
+def flop_counter():
+    """torch's FlopCounterMode over the plain ops, with CPU attention counted:
+
+        with speedups.flop_counter() as counter:
+            model(x)
+        counter.get_total_flops()
+
+    The counter sees aten ops only, hence the plain ops (the fused kernels compute the same products).
+    torch 2.13's counter has formulas for the GPU attention kernels but not for the CPU one that
+    `F.scaled_dot_product_attention` runs here, so it would count attention as 0 FLOPs (half of
+    ViT-L/14's work at 1024 px). `_count_cpu_attention` fills that in.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _count_cpu_attention()
+    with plain_ops(), FlopCounterMode(display=False) as counter:
+        yield counter
+
+
+def _count_cpu_attention():
+    """Register a FLOP formula for the CPU SDPA kernel, unless this torch already has one."""
+    from torch.utils import flop_counter as fc
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in fc.flop_registry:
+        return
+
+    @fc.register_flop_formula(op)
+    def sdpa_cpu_flops(q_shape, k_shape, v_shape, dropout_p=0.0, is_causal=False, *args, **kwargs):
+        # q k^T and (scores) v: 2 * B * H * T * S * (d + d_v), as torch counts the GPU kernels.
+        flops = fc.sdpa_flop_count(q_shape, k_shape, v_shape)
+        T, S = q_shape[-2], k_shape[-2]
+        if is_causal and T == S:                                # only the lower triangle is computed
+            flops = flops * (T + 1) // (2 * T)
+        return flops
+
+
+def fast_path(*tensors):
+    """True when oneDNN's fused kernels may replace the plain ops for these tensors."""
+    return (enabled and HAVE_FUSED_OPS and not torch.is_grad_enabled()
+            and all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels: each computes the plain expression in its docstring, which it runs itself off the fast path.
+# ----------------------------------------------------------------------------------------------------
+
+def linear_gelu(x, linear):
+    """GELU(linear(x)) with the GELU applied inside the matmul (1. above).          (..., in) -> (..., out)"""
+    if fast_path(x, linear.weight, linear.bias) and x.is_contiguous():
+        return _OPS._linear_pointwise(x, linear.weight, linear.bias, "gelu", [], "none")
+    return F.gelu(F.linear(x, linear.weight, linear.bias))
+
+
+def _conv_fast_path(x, conv, *more):
+    """fast_path() for a conv, which oneDNN's fused op takes with numeric zero padding only."""
+    return (fast_path(x, conv.weight, conv.bias, *more)
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+
+
+def _conv_args(conv):
+    return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
+
+
+def _as_matmul(x, conv):
+    """A 1x1 conv on a channels-last map is a matmul over its pixels; True when that is the faster kernel."""
+    return (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
+            and x.shape[-2] * x.shape[-1] <= SMALL_MAP_PIXELS
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _pixels(x):
+    """(B, C, H, W) channels-last -> (B, H, W, C), a free view whose last dim is the channels."""
+    return x.permute(0, 2, 3, 1)
+
+
+def conv_gelu(x, conv):
+    """GELU(conv(x)) with the GELU applied inside the conv (1. above).    (B, C, H, W) -> (B, C', H', W')"""
+    if not _conv_fast_path(x, conv):
+        return F.gelu(conv(x))
+    if _as_matmul(x, conv):
+        w = conv.weight.flatten(1)                              # (C', C, 1, 1) -> (C', C)
+        return _OPS._linear_pointwise(_pixels(x), w, conv.bias, "gelu", [], "none").permute(0, 3, 1, 2)
+    return _OPS._convolution_pointwise(x, conv.weight, conv.bias, *_conv_args(conv), "gelu", [], "none")
+
+
+def conv_scale_add(h, conv, scale, residual):
+    """residual + scale * conv(h), one pass (2. above). scale: (C', 1, 1) per-channel layer scale."""
+    if not _conv_fast_path(h, conv, scale, residual):
+        return residual + scale * conv(h)
+    w = conv.weight * scale.reshape(-1, 1, 1, 1)                # fold ls into the weight: (C', C, k, k)
+    b = None if conv.bias is None else conv.bias * scale.flatten()
+    if _as_matmul(h, conv) and residual.is_contiguous(memory_format=torch.channels_last):
+        out = _OPS._linear_pointwise.binary(_pixels(h), _pixels(residual), w.flatten(1), b, "add")
+        return out.permute(0, 3, 1, 2)                          # (B, H, W, C') -> channels-last (B, C', H, W)
+    return _OPS._convolution_pointwise.binary(h, residual, w, b, *_conv_args(conv), "add", None, None, [], None)
+
+
+def is_exact_gelu(act):
+    """The fused kernels apply the exact (erf) GELU: only a module whose activation is that may use them."""
+    return type(act) is nn.GELU and act.approximate == "none"
+
+
+def convffn_residual(ffn, x, scale):
+    """x + scale * ffn(x) for a repmixer.ConvFFN, with its GELU and the residual add fused (1., 2.)."""
+    if not is_exact_gelu(ffn.act):
+        return x + scale * ffn(x)
+    h = ffn.fused(x) if ffn.is_fused else ffn.local(x)          # (B, C, H, W), 7x7 depthwise
+    h = conv_gelu(h, ffn.fc1)                                   # (B, 4C, H, W) = GELU(fc1(h))
+    return conv_scale_add(h, ffn.fc2, scale, x)                 # (B, C, H, W) = x + scale * fc2(h)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The swapped modules: each a subclass of a plain one, with the same parameters.
+# ----------------------------------------------------------------------------------------------------
+
+class FastLinear(nn.Linear):
+    """nn.Linear whose CPU inference runs oneDNN's matmul (3.)."""
+
+    def forward(self, x):                                       # (..., in) -> (..., out)
+        if fast_path(x, self.weight, self.bias) and x.is_contiguous():
+            return _OPS._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return super().forward(x)
+
+
+class FastMobileOneBlock(repmixer.MobileOneBlock):
+    """A fused block without squeeze-excite runs GELU(conv(x)) as one oneDNN conv (1.)."""
+
+    def forward(self, x):
+        if self.is_fused and isinstance(self.se, nn.Identity) and is_exact_gelu(self.act):
+            return conv_gelu(x, self.fused)
+        return super().forward(x)
+
+
+class FastLargeKernelConv(repmixer.LargeKernelConv):
+    """The fused downsampling conv and its GELU as one oneDNN conv (1.)."""
+
+    def forward(self, x):
+        return conv_gelu(x, self.fused) if self.is_fused and is_exact_gelu(self.act) else super().forward(x)
+
+
+class FastRepMixerBlock(repmixer.RepMixerBlock):
+    """Y = RepMixer(X); Z = Y + ls * ConvFFN(Y), with the FFN's GELU and the residual add fused (1., 2.)."""
+
+    def forward(self, x):
+        y = self.token_mixer(x)
+        return convffn_residual(self.convffn, y, self.layer_scale)
+
+
+class FastAttentionBlock(repmixer.AttentionBlock):
+    """Y = X + ls1 * MHSA(LN(X)) in one addcmul; Z = Y + ls2 * ConvFFN(Y) with GELU and add fused (1., 2.)."""
+
+    def forward(self, x):
+        y = torch.addcmul(x, self.layer_scale_1, self.token_mixer(self.norm(x)))
+        return convffn_residual(self.convffn, y, self.layer_scale_2)
+
+
+class ChannelsLastFastViTHD(repmixer.FastViTHD):
+    """The encoder with its input converted to channels-last, the layout its weights are stored in (4.)."""
+
+    def forward(self, images, return_stages=False):
+        return super().forward(images.contiguous(memory_format=torch.channels_last), return_stages)
+
+
+# plain class -> its fast subclass; a module is swapped only when its class is exactly the plain one
+CPU_SWAPS = {
+    nn.Linear: FastLinear,
+    repmixer.MobileOneBlock: FastMobileOneBlock,
+    repmixer.LargeKernelConv: FastLargeKernelConv,
+    repmixer.RepMixerBlock: FastRepMixerBlock,
+    repmixer.AttentionBlock: FastAttentionBlock,
+    repmixer.FastViTHD: ChannelsLastFastViTHD,
+}
+
+
+def apply(model):
+    """Every speed-up for where `model` runs, applied in place; parameters and buffers are untouched.
+
+    On CPU: the swaps of CPU_SWAPS, and every FastViTHD's weights stored channels-last. The fused
+    kernels run only for float32 without autograd (fast_path); elsewhere the swapped modules compute
+    their plain forward. Call it after reparameterize(): the swaps fuse what the fused form computes.
+    On other devices nothing is swapped yet.
+    """
+    first = next(model.parameters(), None)
+    if first is None or first.device.type != "cpu":
+        return model
+    for module in model.modules():
+        fast = CPU_SWAPS.get(type(module))
+        if fast is not None:
+            module.__class__ = fast
+    for module in model.modules():
+        if isinstance(module, repmixer.FastViTHD):
+            module.to(memory_format=torch.channels_last)
+    return model
+
+
+def is_applied(model):
+    """True when some module of `model` has been swapped by apply()."""
+    return any(type(m) in CPU_SWAPS.values() for m in model.modules())

@@ -1,0 +1,276 @@
+"""speedups.py: every swapped module computes what its plain self computes, on the same weights; the swap
+changes no parameter; inference really runs on the fused kernels, training on the plain ops."""
+
+import copy
+import platform
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings, strategies as st
+from torch.profiler import profile
+
+import speedups
+import fastvlm as FV
+import qwen2 as Q
+import repmixer as R
+
+# float32 products of length <= a few hundred: the fused kernels sum in another order than the plain
+# ones, ~1e-7 relative per term. The bound is elementwise: 1e-5 of each value plus 1e-5 of the output's
+# typical magnitude (its mean |value|, at least 1, the size of the terms). A wrong post-op is far
+# outside it: GELU's tanh
+# form differs from the exact one by up to 4.7e-4 absolute (near x = -2.7), a missing bias, the layer
+# scale on the wrong side or a transposed weight by O(1) of the output.
+REL32 = 1e-5
+
+# On x86-64 every torch CPU wheel is built with oneDNN; there a comparison with the fused kernels
+# missing would compare the plain ops with themselves and prove nothing.
+if platform.machine().lower() in ("x86_64", "amd64"):
+    assert speedups.HAVE_FUSED_OPS, "this torch build lacks torch.ops.mkldnn._convolution_pointwise"
+
+
+def both_paths(fn):
+    """fn() on the plain ops and on the fused kernels, without autograd (the fused path's condition)."""
+    with torch.no_grad():
+        with speedups.plain_ops():
+            plain = fn()
+        fused = fn()
+    return plain, fused
+
+
+def assert_close(plain, fused, alive=False, rel=REL32, floor=1.0):
+    """|fused - plain| <= rel * (|plain| + scale), element by element, where scale is the output's mean
+    |value| but at least `floor`: the inputs and weights here are unit-scale, so every product sums O(1)
+    terms, and an output that cancels to near 0 still carries their rounding."""
+    assert plain.shape == fused.shape
+    if alive:
+        assert plain.std() > 1e-2, "the output vanished; the comparison would prove nothing"
+    typical = max(plain.abs().mean().item(), floor)
+    excess = (fused - plain).abs() - rel * (plain.abs() + typical)
+    assert excess.max() <= 0, f"{int((excess > 0).sum())} of {plain.numel()} elements out of tolerance"
+
+
+def unit_scale(module):
+    for p in module.parameters():
+        p.data.normal_()
+    return module
+
+
+conv_cases = st.tuples(
+    st.integers(1, 24),                  # input channels
+    st.integers(1, 3),                   # output channels per input channel (depthwise) or / 8 (full)
+    st.sampled_from([1, 3, 7]),          # kernel
+    st.sampled_from([1, 2]),             # stride
+    st.booleans(),                       # depthwise
+    st.integers(1, 40),                  # side: maps below and above SMALL_MAP_PIXELS (matmul vs conv)
+    st.booleans(),                       # channels-last
+    st.booleans(),                       # bias
+)
+
+
+def make_conv(case, seed):
+    c_in, mult, k, stride, depthwise, side, channels_last, bias = case
+    torch.manual_seed(seed)
+    c_out = c_in * mult if depthwise else 8 * mult
+    conv = unit_scale(nn.Conv2d(c_in, c_out, k, stride, k // 2, groups=c_in if depthwise else 1, bias=bias))
+    x = torch.randn(2, c_in, side, side)
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    return conv, x
+
+
+@settings(deadline=None, max_examples=60)
+@given(case=conv_cases, seed=st.integers(0, 2**31 - 1))
+def test_conv_gelu_equals_gelu_of_conv(case, seed):
+    conv, x = make_conv(case, seed)
+    assert_close(*both_paths(lambda: speedups.conv_gelu(x, conv)))
+
+
+@settings(deadline=None, max_examples=60)
+@given(case=conv_cases, seed=st.integers(0, 2**31 - 1))
+def test_conv_scale_add_equals_residual_plus_scaled_conv(case, seed):
+    conv, h = make_conv(case, seed)
+    with torch.no_grad():
+        shape = conv(h).shape
+    residual = torch.randn(shape).contiguous(memory_format=torch.channels_last if case[6] else torch.contiguous_format)
+    scale = torch.randn(shape[1], 1, 1)
+    assert_close(*both_paths(lambda: speedups.conv_scale_add(h, conv, scale, residual)))
+
+
+@settings(deadline=None, max_examples=40)
+@given(lead=st.lists(st.integers(1, 5), min_size=1, max_size=3), n_in=st.integers(1, 64),
+       n_out=st.integers(1, 64), bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_linear_and_linear_gelu_equal_the_plain_ops(lead, n_in, n_out, bias, seed):
+    torch.manual_seed(seed)
+    layer = unit_scale(speedups.FastLinear(n_in, n_out, bias=bias))
+    x = torch.randn(*lead, n_in)
+    assert_close(*both_paths(lambda: layer(x)))
+    assert_close(*both_paths(lambda: speedups.linear_gelu(x, layer)))
+
+
+def profiled_ops(fn):
+    """The aten / mkldnn ops fn() runs without autograd, each with its input shapes."""
+    with torch.no_grad(), profile(record_shapes=True) as prof:
+        fn()
+    return prof.events()
+
+
+SMALL = R.FastViTHDConfig(depths=(1, 1, 1, 1, 1), widths=(8, 16, 32, 64, 128), head_dim=8, image_size=128)
+LLM = Q.Qwen2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2)
+
+
+def small_fastvlm(seed=0):
+    """A small FastVLM in inference form (BatchNorm folded) with weights that keep every stage alive."""
+    torch.manual_seed(seed)
+    model = FV.FastVLM(SMALL, LLM, fused=True).eval()
+    for name, p in model.named_parameters():
+        p.data.normal_(0, 0.2 if "layer_scale" in name else 1.0 / max(1, p[0].numel()) ** 0.5)
+    model.vision_tower.reparameterize()
+    return model
+
+
+def test_apply_swaps_modules_and_changes_no_parameter():
+    plain = small_fastvlm()
+    before = plain.state_dict()
+    fast = speedups.apply(copy.deepcopy(plain))
+    after = fast.state_dict()
+    assert list(before) == list(after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    swapped = {type(m) for m in fast.modules()} & set(speedups.CPU_SWAPS.values())
+    assert swapped == set(speedups.CPU_SWAPS.values()), "a registered swap never happened"
+    assert not speedups.is_applied(plain) and speedups.is_applied(fast)
+    assert fast.vision_tower.stem[0].fused.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_every_swapped_block_computes_its_plain_self():
+    """Block by block: each swapped module, fed what its plain twin is fed, gives the same output."""
+    plain = small_fastvlm()
+    fast = speedups.apply(copy.deepcopy(plain))
+    inputs = {}
+
+    def record(name):
+        def hook(module, args, out):                            # returns None: the output stays as it is
+            inputs.setdefault(name, (args, out))
+        return hook
+
+    hooks = [m.register_forward_hook(record(name)) for name, m in plain.named_modules()]
+    x = torch.rand(1, 3, 128, 192)
+    with torch.no_grad():
+        ids = torch.arange(12)
+        plain.llm(embeds=plain.embed(ids, plain.encode_image(x)))
+    for h in hooks:
+        h.remove()
+    fast_modules = dict(fast.named_modules())
+    checked = set()
+    for name, (args, expected) in inputs.items():
+        module = fast_modules[name]
+        if type(module) not in speedups.CPU_SWAPS.values() or not isinstance(expected, torch.Tensor):
+            continue
+        with torch.no_grad():
+            got = module(*args)
+        assert_close(expected, got)
+        checked.add(type(module))
+    assert checked == set(speedups.CPU_SWAPS.values())
+
+
+def test_the_whole_model_agrees_swapped_and_plain():
+    plain = small_fastvlm()
+    fast = speedups.apply(copy.deepcopy(plain))
+    x = torch.rand(1, 3, 192, 128)
+    ids = torch.arange(12)
+    with torch.no_grad():
+        a = plain.llm(embeds=plain.embed(ids, plain.encode_image(x)))
+        b = fast.llm(embeds=fast.embed(ids, fast.encode_image(x)))
+        features = plain.vision_tower(x), fast.vision_tower(x)
+    assert_close(*features, alive=True)
+    assert_close(a, b, alive=True)
+
+
+@pytest.mark.skipif(not speedups.HAVE_FUSED_OPS, reason="this torch build has no oneDNN fused kernels")
+def test_inference_runs_on_the_fused_kernels_and_the_plain_model_does_not():
+    """No separate GELU pass over a ConvFFN map, no BLAS matmul in the decoder: the wiring is real.
+    And `fast=False` means it: the plain model runs none of the fused kernels."""
+    plain = small_fastvlm()
+    fast = speedups.apply(copy.deepcopy(plain))
+    x = torch.rand(1, 3, 128, 128)
+    events = profiled_ops(lambda: fast.vision_tower(x))
+    names = {e.name for e in events}
+    assert "mkldnn::_convolution_pointwise" in names and "mkldnn::_linear_pointwise" in names
+    # The only GELU left is the final expansion's, after its squeeze-excite gate.
+    gelus = [e for e in events if e.name == "aten::gelu"]
+    assert len(gelus) == 1 and gelus[0].input_shapes[0][1] == SMALL.out_channels
+    names = {e.name for e in profiled_ops(lambda: fast.llm(torch.arange(10)[None]))}
+    assert "mkldnn::_linear_pointwise" in names
+    assert not names & {"aten::mm", "aten::addmm"}, names
+    plain_names = {e.name for e in profiled_ops(lambda: (plain.vision_tower(x), plain.llm(torch.arange(10)[None])))}
+    assert not any(n.startswith("mkldnn::_") for n in plain_names), plain_names
+
+
+def test_training_takes_the_plain_path_and_backpropagates():
+    """The fused kernels have no autograd: with gradients on, every swapped module runs its plain forward,
+    so the swapped training-form encoder gives the plain one's loss and gradients."""
+    torch.manual_seed(0)
+    plain = R.FastViTHD(SMALL).train()
+    fast = speedups.apply(copy.deepcopy(plain))
+    assert speedups.is_applied(fast)
+    x = torch.rand(2, 3, 128, 128)
+    losses = []
+    for model in (plain, fast):
+        with torch.enable_grad():
+            loss = model(x).square().mean()
+            loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for (name, a), b in zip(plain.named_parameters(), fast.parameters()):
+        assert a.grad is not None and b.grad is not None, name
+        # channels-last weights change the summation order of the convs, and the backward pass through
+        # five stages amplifies it (up to ~1e-4 measured): 1e-3 here; a wrong path is an O(1) difference
+        assert_close(a.grad, b.grad, rel=1e-3, floor=1e-3)            # (gradients are small: a lower floor)
+    assert sum(p.grad.abs().sum() for p in plain.parameters()) > 0
+
+
+def test_a_block_whose_activation_is_not_the_exact_gelu_runs_its_plain_forward():
+    """The fused kernels apply the exact GELU; a swapped block with any other activation must not use them."""
+    plain = small_fastvlm().vision_tower
+    for m in plain.modules():
+        if isinstance(m, (R.MobileOneBlock, R.LargeKernelConv, R.ConvFFN)) and isinstance(m.act, torch.nn.GELU):
+            m.act = torch.nn.GELU(approximate="tanh")
+    fast = speedups.apply(copy.deepcopy(plain))
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        assert_close(plain(x), fast(x), alive=True)
+
+
+def test_from_pretrained_applies_the_speed_step_unless_told_not_to(tmp_path):
+    from synthetic import write_fastvlm_checkpoint
+
+    folder = write_fastvlm_checkpoint(tmp_path / "m", vision_cfg=SMALL)
+    fast, _, _ = FV.FastVLM.from_pretrained(folder)
+    plain, _, _ = FV.FastVLM.from_pretrained(folder, fast=False)
+    assert speedups.is_applied(fast) and not speedups.is_applied(plain)
+    assert plain.vision_tower.is_fused                       # folded all the same
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        assert_close(plain.encode_image(x), fast.encode_image(x), alive=True)
+
+
+def test_flop_counter_counts_cpu_attention_as_its_matrix_products():
+    """torch's counter has no formula for the CPU attention kernel; speedups.flop_counter() adds one that
+    counts what the plain softmax(q k^T) v math counts (and only the lower triangle when causal)."""
+    torch.manual_seed(0)
+    attn = R.MHSA(64, head_dim=16)
+    x = torch.randn(1, 64, 8, 6)                                # N = 48 positions, 4 heads
+    counts = {}
+    for use_sdpa in (True, False):
+        attn.use_sdpa = use_sdpa
+        with speedups.flop_counter() as counter:
+            attn(x)
+        counts[use_sdpa] = counter.get_total_flops()
+    linears = 2 * 48 * 64 * (3 * 64) + 2 * 48 * 64 * 64
+    assert counts[True] == counts[False] == linears + 2 * (2 * 4 * 48 * 48 * 16)
+
+    q, kv = torch.randn(1, 4, 10, 8), torch.randn(1, 2, 10, 8)  # grouped-query, causal: 55 of 100 scores
+    with speedups.flop_counter() as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+    assert counter.get_total_flops() == 2 * (2 * 4 * 55 * 8)
