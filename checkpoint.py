@@ -47,54 +47,74 @@ def safetensors_files(folder):
     raise CheckpointError(f"{folder} has no model.safetensors (or sharded index); point --model at a FastVLM folder")
 
 
-def read_safetensors(folder, prefix="", dtype=None):
-    """All tensors whose names start with `prefix` (prefix removed), from every file of the folder.
-
-    `dtype` casts floating tensors as they are read (bf16 files into an fp32 model, say); integer
-    buffers such as BatchNorm's `num_batches_tracked` keep their type.
-    """
-    tensors = {}
+def safetensors_names(folder):
+    """The tensor names of every weight file of the folder, read from the headers (no tensor data)."""
+    names = []
     for path in safetensors_files(folder):
         try:
             with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    if name.startswith(prefix):
-                        t = f.get_tensor(name)
-                        if dtype is not None and t.is_floating_point():
-                            t = t.to(dtype)
-                        tensors[name[len(prefix):]] = t
-        except CheckpointError:
-            raise
+                names.extend(f.keys())
         except Exception as e:  # safetensors raises its own types for truncated or non-safetensors files
             raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-download it") from None
-    return tensors
+    return names
+
+
+def iter_safetensors(folder, dtype=None):
+    """(name, tensor) for every tensor of the folder's files, read one at a time.
+
+    `dtype` casts floating tensors as they are read (bf16 files into an fp32 model, say); integer
+    buffers such as BatchNorm's `num_batches_tracked` keep their type. A caller that copies each tensor
+    into the model and drops it holds one tensor at a time, never a second copy of the whole model.
+    """
+    for path in safetensors_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = list(f.keys())
+            for name in names:
+                # The file is memory-mapped while open, and the pages a tensor was read from count as the
+                # process's memory until it is closed: open it per tensor, so only one tensor's pages
+                # are ever mapped (a 0.5B file read whole would add its size to the peak).
+                with safe_open(str(path), framework="pt") as f:
+                    t = f.get_tensor(name)
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                yield name, t
+        except Exception as e:  # safetensors raises its own types for truncated or non-safetensors files
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-download it") from None
+
+
+def read_safetensors(folder, prefix="", dtype=None):
+    """All tensors whose names start with `prefix` (prefix removed), from every file of the folder."""
+    return {name[len(prefix):]: t for name, t in iter_safetensors(folder, dtype) if name.startswith(prefix)}
 
 
 def load_exact(module, tensors, where="checkpoint", file_names=None):
-    """Copy `tensors` into `module`'s parameters and buffers; every one on both sides must match.
+    """Copy `tensors` ({name: tensor}, or (name, tensor) pairs streamed one at a time) into `module`'s
+    parameters and buffers; every one on both sides must match.
 
     Non-persistent buffers (RoPE tables) are computed, not stored, so they are not expected. Tied
     parameters (one tensor under two names) are filled once and may appear under either name.
-    `file_names` maps our names to the checkpoint's, so that an error names the key in the file.
+    `file_names` maps our names to the checkpoint's, so that an error names the key in the file;
+    `where` names the part being loaded (a string, or a function of our name).
     """
     file_names = file_names or {}
+    part = where if callable(where) else (lambda name: where)
     own = module.state_dict(keep_vars=True)
-    for name, value in tensors.items():
-        shown = f"'{file_names[name]}' (ours: {name})" if name in file_names else f"'{name}'"
-        if name not in own:
-            raise CheckpointError(f"{where}: unexpected tensor {shown} (shape {tuple(value.shape)}): "
-                                  "the checkpoint does not match this model's config")
-        target = own[name]
-        if tuple(target.shape) != tuple(value.shape):
-            raise CheckpointError(f"{where}: {shown} has shape {tuple(value.shape)} but the config "
-                                  f"gives {tuple(target.shape)}: config.json and the weights disagree")
     filled = set()
     with torch.no_grad():
-        for name, value in tensors.items():
-            own[name].copy_(value)
-            filled.add(id(own[name]))
-    for name, target in own.items():
-        if name not in tensors and id(target) not in filled:
+        for name, value in (tensors.items() if hasattr(tensors, "items") else tensors):
             shown = f"'{file_names[name]}' (ours: {name})" if name in file_names else f"'{name}'"
-            raise CheckpointError(f"{where}: missing tensor {shown} (shape {tuple(target.shape)}): "
+            if name not in own:
+                raise CheckpointError(f"{part(name)}: unexpected tensor {shown} (shape {tuple(value.shape)}): "
+                                      "the checkpoint does not match this model's config")
+            target = own[name]
+            if tuple(target.shape) != tuple(value.shape):
+                raise CheckpointError(f"{part(name)}: {shown} has shape {tuple(value.shape)} but the config "
+                                      f"gives {tuple(target.shape)}: config.json and the weights disagree")
+            target.copy_(value)
+            filled.add(id(target))
+    for name, target in own.items():
+        if id(target) not in filled:
+            shown = f"'{file_names[name]}' (ours: {name})" if name in file_names else f"'{name}'"
+            raise CheckpointError(f"{part(name)}: missing tensor {shown} (shape {tuple(target.shape)}): "
                                   "the checkpoint is incomplete or for another model")

@@ -33,7 +33,7 @@ from PIL import Image, ImageOps
 import qwen2
 import repmixer
 import speedups
-from checkpoint import CheckpointError, load_exact, read_safetensors
+from checkpoint import CheckpointError, iter_safetensors, load_exact, read_safetensors, safetensors_names
 
 # The `qwen_2` conversation template of Apple's llava/conversation.py.
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -210,27 +210,32 @@ class FastVLM(nn.Module):
         which also leaves out the speed step: a model to train stays plain, whatever `fast` says).
         """
         folder = Path(folder)
+        if folder.is_file():
+            raise CheckpointError(f"{folder} is a file, not a model folder; point at the folder that holds it")
         if not folder.is_dir():
-            kind = "a file, not a folder" if folder.exists() else "not found"
-            raise CheckpointError(f"model folder {kind}: {folder}")
+            raise CheckpointError(f"model folder not found: {folder}")
         config = read_config(folder)
         vision_cfg = vision_config(config)
         llm_cfg = qwen2.Qwen2Config.from_dict(config)
         tokenizer = load_tokenizer(folder)
-        tensors = read_safetensors(folder, dtype=dtype)
-        vision = {k: v for k, v in tensors.items() if k.startswith(VISION_PREFIX)}
-        projector = {k[len(PROJECTOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(PROJECTOR_PREFIX)}
-        llm = {k: v for k, v in tensors.items() if k not in vision and not k.startswith(PROJECTOR_PREFIX)}
         if config.get("mm_hidden_size", vision_cfg.out_channels) != vision_cfg.out_channels:
             raise CheckpointError(f"config.json: mm_hidden_size {config['mm_hidden_size']} does not match the "
                                   f"vision tower's {vision_cfg.out_channels} channels")
-        with torch.device("meta"):                          # shapes only; every tensor is filled below
-            model = cls(vision_cfg, llm_cfg)
-        model.vision_tower = model.vision_tower.to_empty(device="cpu").to(dtype)
-        load_official(model.vision_tower, vision)
-        model.mm_projector = model.mm_projector.to_empty(device="cpu").to(dtype)
-        load_exact(model.mm_projector, projector, where="projector")
-        model.llm = load_llm(llm_cfg, llm, dtype=dtype)
+        names = safetensors_names(folder)
+        if not any(name.startswith(VISION_PREFIX) for name in names):
+            raise CheckpointError(f"no vision-tower tensors under '{VISION_PREFIX}': not a FastVLM checkpoint")
+        untied = "lm_head.weight" in names                  # tied unless the file has a head of its own
+        llm_cfg = qwen2.Qwen2Config(**{**llm_cfg.__dict__, "tie_word_embeddings": not untied})
+        with torch.device("meta"):                          # shapes only, no memory: filled below
+            model = cls(vision_cfg, llm_cfg).to(dtype)
+        model = model.to_empty(device="cpu")
+        if not untied:                                      # to_empty() made two tensors of the tied one
+            model.llm.lm_head.weight = model.llm.embed_tokens.weight
+        # One tensor at a time from the files into the parameters: no second copy of the model.
+        stream = ((ours, t) for name, t in iter_safetensors(folder, dtype)
+                  if (ours := our_name(name, vision_cfg)) is not None)
+        load_exact(model, stream, where=part_of, file_names=file_names(model))
+        model.llm.build_rope(4096)                          # computed tables (to_empty left them unset)
         model = model.to(device).eval()
         if fold_batchnorm:
             model.vision_tower.reparameterize()             # the ConvFFN BatchNorms fold into their convs
@@ -364,6 +369,35 @@ def load_official(encoder, tensors, prefix=VISION_PREFIX):
         raise CheckpointError(f"no vision-tower tensors under '{prefix}': not a FastVLM checkpoint")
     load_exact(encoder, ours, where="vision tower", file_names=file_names)
     return encoder
+
+
+def our_name(file_name, cfg):
+    """Our FastVLM parameter name for a tensor name in an official file; None for the unused CLIP head."""
+    if file_name.startswith(VISION_PREFIX):
+        key = official_key(file_name[len(VISION_PREFIX):], cfg)
+        return None if key is None else "vision_tower." + key
+    if file_name.startswith(PROJECTOR_PREFIX):
+        return "mm_projector." + file_name[len(PROJECTOR_PREFIX):]
+    return "llm." + file_name.removeprefix("model.")         # model.layers.0... and lm_head.weight
+
+
+def file_names(model):
+    """The inverse of our_name for every tensor of `model`: what an error message calls it in the file."""
+    out = {}
+    for name in model.state_dict():
+        part, key = name.split(".", 1)
+        if part == "vision_tower":
+            out[name] = VISION_PREFIX + to_official_key(key, model.vision_tower.cfg)
+        elif part == "mm_projector":
+            out[name] = PROJECTOR_PREFIX + key
+        else:
+            out[name] = key if key.startswith("lm_head.") else "model." + key
+    return out
+
+
+def part_of(name):
+    """Which part of FastVLM one of our names belongs to, for error messages."""
+    return {"vision_tower": "vision tower", "mm_projector": "projector"}.get(name.split(".", 1)[0], "language model")
 
 
 def load_llm(cfg, tensors, dtype=None, device="cpu"):

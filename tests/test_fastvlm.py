@@ -68,6 +68,32 @@ def test_from_pretrained_fills_everything(official_model):
     assert len(tokenizer) == 151646 and config["mm_vision_tower"] == "mobileclip_l_1024"
 
 
+def test_loading_never_accumulates_file_tensors(small_folder, monkeypatch):
+    """from_pretrained copies each tensor into its parameter and drops it: when a tensor is read from
+    the file, every tensor read before the previous one is gone (the loop still holds the previous one
+    until it moves on), so loading never holds a second copy of the model (0.5B: docs/performance.md)."""
+    import gc
+    import weakref
+
+    real = FV.iter_safetensors
+    kept = []
+
+    def watched(folder, dtype=None):
+        read = []
+        for name, tensor in real(folder, dtype):
+            gc.collect()
+            kept.append(sum(ref() is not None for ref in read[:-1]))
+            read.append(weakref.ref(tensor))
+            yield name, tensor
+            del tensor
+
+    monkeypatch.setattr(FV, "iter_safetensors", watched)
+    model, _, _ = FV.FastVLM.from_pretrained(small_folder)
+    stored = load_file(str(small_folder / "model.safetensors"))
+    assert len(kept) == len(stored) and max(kept) == 0, "tensors read from the file were kept alive"
+    assert torch.equal(model.llm.layers[1].mlp.up_proj.weight, stored["model.layers.1.mlp.up_proj.weight"].float())
+
+
 def test_untied_checkpoint_keeps_its_own_head(untied_folder):
     stored = set(load_file(str(untied_folder / "model.safetensors")))
     assert "lm_head.weight" in stored

@@ -117,6 +117,11 @@ def test_model_folder_missing(capsys, photo, tmp_path):
     assert_one_line_error(*run(capsys, photo, "q", "--model", tmp_path / "absent"), "model folder not found")
 
 
+def test_model_path_is_a_file(capsys, photo, model_dir):
+    assert_one_line_error(*run(capsys, photo, "q", "--model", model_dir / "model.safetensors"),
+                          "is a file, not a model folder")
+
+
 @pytest.mark.parametrize("drop,message", [
     (("model.safetensors",), "no model.safetensors"),
     (("config.json",), "no config.json"),
