@@ -227,15 +227,11 @@ class FastVLM(nn.Module):
         untied = "lm_head.weight" in names                  # tied unless the file has a head of its own
         llm_cfg = qwen2.Qwen2Config(**{**llm_cfg.__dict__, "tie_word_embeddings": not untied})
         with torch.device("meta"):                          # shapes only, no memory: filled below
-            model = cls(vision_cfg, llm_cfg).to(dtype)
-        model = model.to_empty(device="cpu")
-        if not untied:                                      # to_empty() made two tensors of the tied one
-            model.llm.lm_head.weight = model.llm.embed_tokens.weight
+            model = allocate(cls(vision_cfg, llm_cfg), dtype)
         # One tensor at a time from the files into the parameters: no second copy of the model.
         stream = ((ours, t) for name, t in iter_safetensors(folder, dtype)
                   if (ours := our_name(name, vision_cfg)) is not None)
         load_exact(model, stream, where=part_of, file_names=file_names(model))
-        model.llm.build_rope(4096)                          # computed tables (to_empty left them unset)
         model = model.to(device).eval()
         if fold_batchnorm:
             model.vision_tower.reparameterize()             # the ConvFFN BatchNorms fold into their convs
@@ -371,6 +367,19 @@ def load_official(encoder, tensors, prefix=VISION_PREFIX):
     return encoder
 
 
+def allocate(model, dtype=None, device="cpu"):
+    """A model built on the meta device -> the same model on `device` in `dtype`, its tensors allocated
+    but not initialised (every one is filled by the loader). What to_empty() cannot keep is restored:
+    a tied head's one tensor (to_empty makes two) and the computed RoPE tables."""
+    model = model.to(dtype).to_empty(device=device) if dtype is not None else model.to_empty(device=device)
+    for m in model.modules():
+        if isinstance(m, qwen2.Qwen2):
+            if m.cfg.tie_word_embeddings:
+                m.lm_head.weight = m.embed_tokens.weight
+            m.build_rope(4096, device)
+    return model
+
+
 def our_name(file_name, cfg):
     """Our FastVLM parameter name for a tensor name in an official file; None for the unused CLIP head."""
     if file_name.startswith(VISION_PREFIX):
@@ -409,17 +418,11 @@ def load_llm(cfg, tensors, dtype=None, device="cpu"):
     untied = "lm_head.weight" in tensors
     cfg = qwen2.Qwen2Config(**{**cfg.__dict__, "tie_word_embeddings": not untied})
     with torch.device("meta"):                              # no time spent on a random init
-        model = qwen2.Qwen2(cfg)
-    model = model.to_empty(device=device)                   # every tensor is filled below
-    if dtype is not None:
-        model = model.to(dtype)
-    if not untied:                                          # to_empty() made two tensors of the tied one
-        model.lm_head.weight = model.embed_tokens.weight
+        model = allocate(qwen2.Qwen2(cfg), dtype, device)
     ours = {name.removeprefix("model."): value for name, value in tensors.items()}
     file_names = {name: name if name.startswith("lm_head.") else "model." + name for name in model.state_dict()}
     load_exact(model, ours, where="language model",
                file_names={**file_names, **{name.removeprefix("model."): name for name in tensors}})
-    model.build_rope(4096, device)                          # computed tables (to_empty left them unset)
     return model.eval()
 
 
