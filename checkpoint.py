@@ -42,8 +42,10 @@ def safetensors_files(folder):
     if pickled:
         raise CheckpointError(
             f"{folder} holds pickled weights ({pickled[0]}), which are refused because unpickling can run code; "
-            "convert once with: python -c \"import torch; from safetensors.torch import save_file; "
-            f"save_file(torch.load('{pickled[0]}', map_location='cpu'), 'model.safetensors')\" inside that folder")
+            "if you trust the file, convert it once with torch >= 2.6 (whose weights_only loader runs no code): "
+            "python -c \"import torch; from safetensors.torch import save_file; "
+            f"save_file(torch.load('{pickled[0]}', map_location='cpu', weights_only=True), 'model.safetensors')\" "
+            "inside that folder, or download the safetensors release")
     raise CheckpointError(f"{folder} has no model.safetensors (or sharded index); point --model at a FastVLM folder")
 
 

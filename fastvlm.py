@@ -10,25 +10,29 @@
 Time to first token (TTFT), the paper's headline metric, is preprocessing + encoder + projector +
 prefill: everything before the first decode step. `Chat` records each part.
 
-`FastVLM.from_pretrained(folder)` reads an official checkpoint folder (Apple's
-`llava-fastvithd_*` or the `apple/FastVLM-*` repos: config.json, safetensors, slow-tokenizer files)
-or one written by train.py, with every tensor consumed and every parameter filled. All reading of
-model folders lives in this file: the config, the official tensor names of both halves, the tokenizer
-files. For CPU inference it then applies speedups.py's one step, which swaps modules for faster
-kernels without changing a parameter (`fast=False` keeps the plain model).
+`FastVLM.from_pretrained(folder)` reads a model folder in either layout it is published in (Apple's
+LLaVA-Qwen2 layout: the `llava-fastvithd_*` zips, the `apple/FastVLM-*` repos and train.py's output;
+transformers' `fast_vlm` layout), or a Hugging Face repo id from the local cache, with every tensor
+consumed and every parameter filled. All reading and naming of model folders lives in this file: the
+config, one table of tensor names per layout (`LLAVA`, `FAST_VLM`), the tokenizer files. For CPU
+inference it then applies speedups.py's one step, which swaps modules for faster kernels without
+changing a parameter (`fast=False` keeps the plain model).
 """
 
 import json
+import math
+import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 import qwen2
 import repmixer
@@ -36,8 +40,10 @@ import speedups
 from checkpoint import CheckpointError, iter_safetensors, load_exact, read_safetensors, safetensors_names
 
 # The `qwen_2` conversation template of Apple's llava/conversation.py.
-SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+SYSTEM_PROMPT = "You are a helpful assistant."
+SYSTEM = "<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n"
 USER, ASSISTANT, END = "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>\n"
+START = "<|im_start|>"
 IMAGE = "<image>"
 IMAGE_TOKEN_INDEX = -200          # the placeholder id of <image> in input_ids (llava/constants.py)
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -49,6 +55,10 @@ class InputError(ValueError):
     """Bad user input (image, question, options); the message says what is wrong and what to do."""
 
 
+class AnswerError(ValueError):
+    """No answer can be trusted (the logits went NaN or infinite); the message names the likely cause."""
+
+
 # ----------------------------------------------------------------------------------------------------
 # Preprocessing: exactly the official `image_aspect_ratio: pad` pipeline.
 # ----------------------------------------------------------------------------------------------------
@@ -57,9 +67,14 @@ def load_image(path):
     """Open an image file as 8-bit RGB, upright according to its EXIF orientation.
 
     EXIF orientation is a deliberate difference from Apple's code (which ignores it, so phone photos
-    can arrive sideways). 16-bit images are scaled to 8 bits (PIL's own conversion would clip them).
+    can arrive sideways). 16-bit images are scaled to 8 bits (PIL's own conversion would clip them), and
+    floating-point ones in [0, 1] from that range (PIL's would make them black).
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not an image; pass an image file (use --batch for many)")
+    if path.exists() and not path.is_file():
+        raise InputError(f"{path} is not a regular file (a pipe, a device or a socket); save the image to a file")
     if not path.is_file():
         raise InputError(f"image not found: {path}")
     try:
@@ -71,17 +86,32 @@ def load_image(path):
     except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{path} is not a readable image ({e}); pass a PNG, JPEG or similar") from None
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # high bit depth grayscale
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        if img.mode == "F" and a.max() <= 1.0:            # floating-point images usually hold [0, 1]
+            top = 1.0
+        else:
+            top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
         img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     return img.convert("RGB")
 
 
+# The padded square of a very elongated image is far larger than the image (1 x 40000 pixels pads to
+# 40000 x 40000, 4.8 GB). Up to this many pixels, or twice the image's own, the square is built as the
+# official pipeline builds it (bit-exact); beyond, the image is first shrunk by a whole factor with a box
+# filter so that its square fits. Real photos (any ratio up to 2:1, any ratio up to 4096 px) never get there.
+EXACT_SQUARE_PIXELS = 4096 * 4096
+
+
 def expand_to_square(img, fill=(0, 0, 0)):
-    """Pad to a square with the background colour, image centred (odd pixel right/bottom)."""
+    """Pad to a square with the background colour, image centred (odd pixel right/bottom); see
+    EXACT_SQUARE_PIXELS for the memory bound on extreme aspect ratios."""
     w, h = img.size
     if w == h:
         return img
+    bound = max(EXACT_SQUARE_PIXELS, 2 * w * h)
+    if max(w, h) ** 2 > bound:
+        img = img.reduce(math.ceil(max(w, h) / math.isqrt(bound)))
+        w, h = img.size
     side = max(w, h)
     canvas = Image.new(img.mode, (side, side), fill)
     canvas.paste(img, ((side - w) // 2, (side - h) // 2))
@@ -126,15 +156,22 @@ def tokenize_with_image(tokenizer, text):
     return ids
 
 
-def turn_ids(tokenizer, question, first):
+def turn_ids(tokenizer, question, first, system=SYSTEM_PROMPT):
     """Token ids of one user turn (the first with the system prompt and the image placeholder).
 
-    User text is only text: the placeholder goes where the template puts it, and an `<image>` typed in
-    the question is tokenized as the characters it is. For any other question the ids equal
-    `tokenize_with_image(tokenizer, first_turn(question))` (or `next_turn` for a follow-up)."""
-    if not first:
-        return tokenizer.encode(next_turn(question))
-    return tokenizer.encode(SYSTEM + USER) + [IMAGE_TOKEN_INDEX] + tokenizer.encode("\n" + question + END + ASSISTANT)
+    User text is only text: the question (and a system prompt of the user's) is encoded with special-
+    token strings taken literally, so a typed `<|im_end|>` cannot close the turn, and an `<image>` typed
+    in it is the characters it is; the placeholder goes only where the template puts it. Special tokens
+    split a text into pieces that are tokenized separately, so encoding the template's pieces apart from
+    the pieces that hold user text gives, for any ordinary question, exactly the ids of
+    `tokenize_with_image(tokenizer, first_turn(question))` (or of `next_turn(question)` for a follow-up).
+    """
+    if first:   # pieces: <|im_start|> "system\n{system}" <|im_end|> "\n" <|im_start|> "user\n" <image> "\n{question}"
+        head = (tokenizer.encode(START) + tokenizer.encode_text("system\n" + system) + tokenizer.encode(END + USER)
+                + [IMAGE_TOKEN_INDEX] + tokenizer.encode_text("\n" + question))
+    else:       # pieces: <|im_end|> "\n" <|im_start|> "user\n{question}"
+        head = tokenizer.encode(END + START) + tokenizer.encode_text("user\n" + question)
+    return head + tokenizer.encode(END + ASSISTANT)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -201,37 +238,47 @@ class FastVLM(nn.Module):
         return logits, torch.stack(spread)
 
     @classmethod
-    def from_pretrained(cls, folder, device="cpu", dtype=torch.float32, fold_batchnorm=True, fast=True):
-        """(model, tokenizer, config dict) from a FastVLM folder; see the module docstring.
+    def from_pretrained(cls, folder, device="cpu", dtype=torch.float32, fold_batchnorm=True, fast=True,
+                        progress=False):
+        """(model, tokenizer, config dict) from a FastVLM folder in any supported layout, or a Hugging Face
+        repo id (`apple/FastVLM-0.5B`) found in the local cache (see resolve_model); `progress` shows a bar
+        while the tensors load. See the module docstring.
 
         The vision tower arrives in the official stored form (branches fused, ConvFFN BatchNorm kept).
         For inference the BatchNorm is folded too, then speedups.apply() swaps in the faster kernels
         (unless `fast=False`); train.py keeps the stored form and the plain modules (`fold_batchnorm=False`,
         which also leaves out the speed step: a model to train stays plain, whatever `fast` says).
         """
-        folder = Path(folder)
-        if folder.is_file():
-            raise CheckpointError(f"{folder} is a file, not a model folder; point at the folder that holds it")
-        if not folder.is_dir():
-            raise CheckpointError(f"model folder not found: {folder}")
-        config = read_config(folder)
-        vision_cfg = vision_config(config)
-        llm_cfg = qwen2.Qwen2Config.from_dict(config)
+        folder = resolve_model(folder)
+        layout, vision_cfg, llm_cfg, config = model_config(folder)
         tokenizer = load_tokenizer(folder)
-        if config.get("mm_hidden_size", vision_cfg.out_channels) != vision_cfg.out_channels:
-            raise CheckpointError(f"config.json: mm_hidden_size {config['mm_hidden_size']} does not match the "
-                                  f"vision tower's {vision_cfg.out_channels} channels")
         names = safetensors_names(folder)
-        if not any(name.startswith(VISION_PREFIX) for name in names):
-            raise CheckpointError(f"no vision-tower tensors under '{VISION_PREFIX}': not a FastVLM checkpoint")
+        if not any(name.startswith(layout.vision) for name in names):
+            raise CheckpointError(not_fastvlm_tensors(folder, names, layout))
         untied = "lm_head.weight" in names                  # tied unless the file has a head of its own
         llm_cfg = qwen2.Qwen2Config(**{**llm_cfg.__dict__, "tie_word_embeddings": not untied})
+        device = torch.device(device)
         with torch.device("meta"):                          # shapes only, no memory: filled below
-            model = allocate(cls(vision_cfg, llm_cfg), dtype)
-        # One tensor at a time from the files into the parameters: no second copy of the model.
-        stream = ((ours, t) for name, t in iter_safetensors(folder, dtype)
-                  if (ours := our_name(name, vision_cfg)) is not None)
-        load_exact(model, stream, where=part_of, file_names=file_names(model))
+            model = allocate(cls(vision_cfg, llm_cfg), dtype, device)
+        # One tensor at a time from the files into the parameters (on the device asked for): no second
+        # copy of the model anywhere. Each tensor is checked for NaN/inf on the way (a pass over bytes
+        # already in cache), so that a damaged checkpoint can be named when its answer breaks down.
+        shown = {name: layout.theirs(name, vision_cfg) for name in model.state_dict()}
+        model.nonfinite_tensor = None
+
+        def stream():
+            for name, t in tqdm(iter_safetensors(folder, dtype), total=len(names), desc="loading", unit="tensor",
+                                disable=None if progress else True, leave=False):   # None: only on a terminal
+                ours = layout.ours(name, vision_cfg)
+                if ours is None:
+                    continue
+                shown[ours] = name
+                if model.nonfinite_tensor is None and t.is_floating_point() and not torch.isfinite(t).all():
+                    model.nonfinite_tensor = name
+                yield ours, t
+
+        load_exact(model, stream(), where=part_of, file_names=shown)
+        model.layout = layout.name
         model = model.to(device).eval()
         if fold_batchnorm:
             model.vision_tower.reparameterize()             # the ConvFFN BatchNorms fold into their convs
@@ -244,34 +291,171 @@ class FastVLM(nn.Module):
 # Reading model folders: config.json, official tensor names, the tokenizer files.
 # ----------------------------------------------------------------------------------------------------
 
+def resolve_model(name):
+    """A model folder from what a user typed: a local folder (it wins), or a Hugging Face repo id
+    `ORG/NAME` looked up in the local Hugging Face cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else
+    ~/.cache/huggingface/hub), downloaded with huggingface_hub (if installed) when it is not cached and
+    the hub is not offline (`HF_HUB_OFFLINE`)."""
+    path = Path(name)
+    if path.is_dir():
+        return path
+    if path.exists():
+        what = "a file" if path.is_file() else "not a folder (a pipe, a device or a socket)"
+        raise CheckpointError(f"{path} is {what}, not a model folder; point at the folder that holds config.json")
+    repo = str(name)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo) or repo.startswith("."):
+        raise CheckpointError(f"model folder not found: {path}")
+    hub = os.environ.get("HF_HUB_CACHE") or (Path(os.environ["HF_HOME"]) / "hub" if os.environ.get("HF_HOME")
+                                              else Path.home() / ".cache" / "huggingface" / "hub")
+    cached = Path(hub) / ("models--" + repo.replace("/", "--"))
+    ref = cached / "refs" / "main"
+    if ref.is_file() and (cached / "snapshots" / ref.read_text().strip()).is_dir():
+        return cached / "snapshots" / ref.read_text().strip()
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    how = f"download it with `hf download {repo}` (pip install huggingface_hub)"
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"no folder {repo} here and {repo} is not in the Hugging Face cache ({hub}); "
+                              f"{how}, or pass the folder it is in") from None
+    if offline:
+        raise CheckpointError(f"no folder {repo} here and {repo} is not in the Hugging Face cache ({hub}) while "
+                              f"HF_HUB_OFFLINE is set; unset it to download, or {how} where you are online")
+    try:
+        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
+    except Exception as e:  # huggingface_hub raises its own types for unknown repos and network failures
+        first = str(e).splitlines()[0] if str(e) else "no details"
+        raise CheckpointError(f"could not download {repo} from the Hugging Face Hub ({type(e).__name__}: "
+                              f"{first}); check the name and the network") from None
+
+
 def read_config(folder):
     """config.json of a model folder, the one place it is read."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder} has no config.json; point at a model folder")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, not a model config; re-download it")
+    return config
+
+
+def model_config(folder):
+    """(layout, vision config, Qwen2 config, config dict) of a model folder, the layout named by config.json:
+    transformers' `fast_vlm` (`text_config` and `vision_config` nested) or Apple's LLaVA-Qwen2 (flat)."""
+    folder = Path(folder)
+    packages = sorted(p.name for p in folder.glob("*.mlpackage"))
+    if packages:
+        raise CheckpointError(f"{folder} is an export for Apple-silicon apps: its vision tower is a CoreML package "
+                              f"({packages[0]}), which runs only there; use the PyTorch release "
+                              "(apple/FastVLM-0.5B, -1.5B or -7B)")
+    config = read_config(folder)
+    kind = config.get("model_type")
+    if kind == "fast_vlm":
+        layout, text = FAST_VLM, config.get("text_config")
+        if not isinstance(text, dict):
+            raise CheckpointError("config.json: a fast_vlm config needs a text_config object; re-download it")
+    elif kind in ("llava_qwen2", None):
+        layout, text = LLAVA, config
+    else:
+        raise CheckpointError(f"config.json: model_type {kind!r} is not FastVLM (expected Apple's llava_qwen2 "
+                              "or transformers' fast_vlm)")
+    vision_cfg = vision_config(config)
+    try:
+        llm_cfg = qwen2.Qwen2Config.from_dict(text)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config.json: {e}; the file is damaged or not for this model") from None
+    return layout, vision_cfg, llm_cfg, config
 
 
 def vision_config(config):
-    """The FastViTHD config named by config.json: `mobileclip_l_<size>` is the release at <size> px.
-
-    Folders written by train.py for small models add a `fastvithd` entry with the full config.
-    """
+    """The FastViTHD config named by config.json. Apple's layout names the tower `mobileclip_l_<size>` (the
+    release at <size> px); transformers' names timm's `fastvit_mci3`, its size given by the number of
+    image tokens. Folders of small models (train.py's, or converted from them) add a `fastvithd` entry
+    with the whole config."""
     if "fastvithd" in config:
         try:
             return repmixer.FastViTHDConfig.from_dict(config["fastvithd"])
-        except (TypeError, ValueError) as e:
+        except (AttributeError, TypeError, ValueError) as e:
             raise CheckpointError(f"config.json: the 'fastvithd' entry is not a valid config ({e})") from None
+    if config.get("model_type") == "fast_vlm":
+        vision = config.get("vision_config")
+        arch = vision.get("architecture") if isinstance(vision, dict) else None
+        if arch != "fastvit_mci3":
+            raise CheckpointError(f"config.json: vision tower {arch!r} is not supported (expected fastvit_mci3)")
+        if config.get("projector_hidden_act", "gelu") != "gelu" or not config.get("multimodal_projector_bias", True):
+            raise CheckpointError("config.json: only the GELU projector with biases (mlp2x_gelu) is supported")
+        tokens = config.get("image_seq_length", 256)
+        side = round(tokens ** 0.5) if isinstance(tokens, int) and tokens > 0 else 0
+        if side * side != tokens:
+            raise CheckpointError(f"config.json: image_seq_length {tokens!r} is not a square number of tokens")
+        return repmixer.FastViTHDConfig(image_size=64 * side)
     tower = config.get("mm_vision_tower", "")
-    if not tower.startswith("mobileclip_l_"):
+    if not isinstance(tower, str) or not re.fullmatch(r"mobileclip_l_\d+", tower):
         raise CheckpointError(f"config.json: vision tower {tower!r} is not supported (expected mobileclip_l_<size>)")
     projector = config.get("mm_projector_type", "mlp2x_gelu")
     if projector != "mlp2x_gelu":
         raise CheckpointError(f"config.json: projector {projector!r} is not supported (expected mlp2x_gelu)")
-    return repmixer.FastViTHDConfig(image_size=int(tower.rsplit("_", 1)[1]))
+    cfg = repmixer.FastViTHDConfig(image_size=int(tower.rsplit("_", 1)[1]))
+    if config.get("mm_hidden_size", cfg.out_channels) != cfg.out_channels:
+        raise CheckpointError(f"config.json: mm_hidden_size {config['mm_hidden_size']!r} does not match the "
+                              f"vision tower's {cfg.out_channels} channels")
+    return cfg
+
+
+def not_fastvlm_tensors(folder, names, layout):
+    """The line for a folder whose weights hold no vision tower where its config's layout puts it."""
+    if any(n.startswith(("language_model.", "vision_tower.")) or n.endswith(".scales") for n in names):
+        return (f"{folder} holds weights in mlx-vlm's MLX layout (names like '{names[0]}', often quantized), "
+                "which only MLX runs; use the PyTorch release (apple/FastVLM-0.5B, -1.5B or -7B)")
+    return (f"{folder}: no vision-tower tensors under '{layout.vision}', where its config.json ({layout.name} "
+            "layout) puts them: not a FastVLM checkpoint")
+
+
+def llava_config(vision_cfg, llm_cfg, base=None):
+    """config.json of Apple's LLaVA-Qwen2 layout for these configs (over `base`, e.g. the config it
+    started from). A vision tower other than the release's at some size also gets a `fastvithd` entry."""
+    cfg = {key: value for key, value in (base or {}).items() if key not in ("text_config", "vision_config")}
+    cfg.update(asdict(llm_cfg))
+    cfg.update({"architectures": ["LlavaQwen2ForCausalLM"], "model_type": "llava_qwen2",
+                "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": vision_cfg.out_channels,
+                "image_aspect_ratio": "pad", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
+                "unfreeze_mm_vision_tower": True, "tokenizer_model_max_length": cfg.get("tokenizer_model_max_length", 8192)})
+    if vision_cfg == repmixer.FastViTHDConfig(image_size=vision_cfg.image_size):
+        cfg["mm_vision_tower"] = f"mobileclip_l_{vision_cfg.image_size}"
+        cfg.pop("fastvithd", None)
+    else:
+        cfg["mm_vision_tower"] = f"fastvithd_custom_{vision_cfg.image_size}"
+        cfg["fastvithd"] = asdict(vision_cfg)
+    return cfg
+
+
+def fast_vlm_config(vision_cfg, llm_cfg, image_token_index, dtype="bfloat16"):
+    """config.json of transformers' `fast_vlm` layout for these configs (as its save_pretrained writes it;
+    the vision tower is timm's `fastvit_mci3` in its inference form). A vision tower other than the
+    release's also gets a `fastvithd` entry, which this file reads and transformers ignores."""
+    text = asdict(llm_cfg)
+    rope_theta = text.pop("rope_theta")
+    text.update({"model_type": "qwen2", "hidden_act": "silu", "attention_dropout": 0.0, "initializer_range": 0.02,
+                 "layer_types": ["full_attention"] * llm_cfg.num_hidden_layers, "max_window_layers": 28,
+                 "rope_parameters": {"rope_theta": rope_theta, "rope_type": "default"}, "sliding_window": None,
+                 "use_sliding_window": False, "use_cache": True, "bos_token_id": None, "eos_token_id": None,
+                 "pad_token_id": None, "dtype": dtype})
+    cfg = {"architectures": ["FastVlmForConditionalGeneration"], "model_type": "fast_vlm",
+           "image_token_index": image_token_index, "image_seq_length": vision_cfg.num_tokens(),
+           "multimodal_projector_bias": True, "projector_hidden_act": "gelu", "text_config": text,
+           "tie_word_embeddings": llm_cfg.tie_word_embeddings, "dtype": dtype,
+           "vision_config": {"architecture": "fastvit_mci3", "model_type": "timm_wrapper", "do_pooling": True,
+                             "global_pool": "avg", "hidden_size": vision_cfg.out_channels, "initializer_range": 0.02,
+                             "num_classes": 2, "label_names": ["LABEL_0", "LABEL_1"],
+                             "model_args": {"inference_mode": True}},
+           "vision_feature_layer": -1, "vision_feature_select_strategy": "full"}
+    if vision_cfg != repmixer.FastViTHDConfig(image_size=vision_cfg.image_size):
+        cfg["fastvithd"] = asdict(vision_cfg)
+    return cfg
 
 
 def official_network_layout(cfg):
@@ -300,12 +484,16 @@ _RENAMES = [
 UNUSED_OFFICIAL = ("head.",)  # MobileCLIP's projection head: computed by Apple's forward, never used
 
 
-def _rename(key, to_ours):
-    for official, ours in _RENAMES:
-        src, dst = (official, ours) if to_ours else (ours, official)
+def _rename(key, to_ours, rules=_RENAMES):
+    """Apply (theirs, ours) fragment renames in order; ^ anchors a fragment at the start, $ at the end."""
+    for theirs, ours in rules:
+        src, dst = (theirs, ours) if to_ours else (ours, theirs)
         if src.startswith("^"):
             if key.startswith(src[1:]):
                 key = dst[1:] + key[len(src) - 1:]
+        elif src.endswith("$"):
+            if key.endswith(src[:-1]):
+                key = key[:len(key) - len(src) + 1] + dst[:-1]
         else:
             key = key.replace(src, dst, 1)
     return key
@@ -380,28 +568,85 @@ def allocate(model, dtype=None, device="cpu"):
     return model
 
 
-def our_name(file_name, cfg):
-    """Our FastVLM parameter name for a tensor name in an official file; None for the unused CLIP head."""
-    if file_name.startswith(VISION_PREFIX):
-        key = official_key(file_name[len(VISION_PREFIX):], cfg)
-        return None if key is None else "vision_tower." + key
-    if file_name.startswith(PROJECTOR_PREFIX):
-        return "mm_projector." + file_name[len(PROJECTOR_PREFIX):]
-    return "llm." + file_name.removeprefix("model.")         # model.layers.0... and lm_head.weight
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint layouts: the same tensors under each publisher's names.
+# ----------------------------------------------------------------------------------------------------
+
+# timm's `fastvit_mci3` names of the fused vision tower (transformers' `fast_vlm` layout stores it as
+# `model.vision_tower.timm_model.*`) -> ours. timm keeps the stage structure we use, so only the block
+# names differ. A trailing $ anchors at the end of the name (layer scales are `gamma` parameters there).
+_TIMM_RENAMES = [
+    ("^final_conv.", "^expand."),
+    ("downsample.proj.0.reparam_conv.", "downsample.spatial.fused."),
+    ("downsample.proj.1.reparam_conv.", "downsample.pointwise.fused."),
+    ("pos_emb.reparam_conv.", "cpe.fused."),
+    ("se.fc1.", "se.reduce."),
+    ("se.fc2.", "se.expand."),
+    ("mlp.conv.", "convffn.local."),
+    ("mlp.fc", "convffn.fc"),
+    ("layer_scale.gamma$", "layer_scale$"),
+    ("layer_scale_1.gamma$", "layer_scale_1$"),
+    ("layer_scale_2.gamma$", "layer_scale_2$"),
+    ("reparam_conv.", "fused."),
+]
 
 
-def file_names(model):
-    """The inverse of our_name for every tensor of `model`: what an error message calls it in the file."""
-    out = {}
-    for name in model.state_dict():
+def timm_key(key, cfg=None):
+    """Our vision-tower name for a timm `fastvit_mci3` key, e.g. `stages.3.pos_emb.reparam_conv.weight`
+    -> `stages.3.cpe.fused.weight` (`cfg` is unused: timm's names already follow the stages)."""
+    return _rename(key, to_ours=True, rules=_TIMM_RENAMES)
+
+
+def to_timm_key(key, cfg=None):
+    """The inverse of timm_key."""
+    return _rename(key, to_ours=False, rules=_TIMM_RENAMES)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each part of FastVLM lives in one publisher's files. `lm_head.weight` is top level in
+    both (and absent when the head is tied to the embedding)."""
+    name: str
+    vision: str               # prefix of the vision tower's tensors
+    projector: tuple          # prefixes of the projector's two linear layers (ours: mm_projector.0 and .2)
+    llm: str                  # prefix of the language model's other tensors
+    vision_to_ours: object    # (key without prefix, vision config) -> our key, None for a tensor never used
+    vision_to_theirs: object  # (our key, vision config) -> theirs
+
+    def ours(self, name, cfg):
+        """Our FastVLM name of a tensor in this layout's files (vision config `cfg`); None for a tensor
+        the model never uses (the MobileCLIP head of Apple's files). A name of no known part is returned
+        as it is, for the loader to report as unexpected."""
+        if name.startswith(self.vision):
+            key = self.vision_to_ours(name[len(self.vision):], cfg)
+            return None if key is None else "vision_tower." + key
+        for index, prefix in zip((0, 2), self.projector):
+            if name.startswith(prefix):
+                return f"mm_projector.{index}." + name[len(prefix):]
+        if name.startswith("lm_head."):
+            return "llm." + name
+        if name.startswith(self.llm):
+            return "llm." + name[len(self.llm):]
+        return name
+
+    def theirs(self, name, cfg):
+        """The inverse of `ours`: the name this layout's files give one of our tensors."""
         part, key = name.split(".", 1)
         if part == "vision_tower":
-            out[name] = VISION_PREFIX + to_official_key(key, model.vision_tower.cfg)
-        elif part == "mm_projector":
-            out[name] = PROJECTOR_PREFIX + key
-        else:
-            out[name] = key if key.startswith("lm_head.") else "model." + key
-    return out
+            return self.vision + self.vision_to_theirs(key, cfg)
+        if part == "mm_projector":
+            index, rest = key.split(".", 1)
+            return self.projector[int(index) // 2] + rest
+        return key if key.startswith("lm_head.") else self.llm + key
+
+
+# Apple's LLaVA-Qwen2 layout: the `llava-fastvithd_*` zips, the `apple/FastVLM-*` repos, train.py's output.
+LLAVA = Layout("llava", VISION_PREFIX, (PROJECTOR_PREFIX + "0.", PROJECTOR_PREFIX + "2."), "model.",
+               official_key, to_official_key)
+# transformers' own layout (`model_type: fast_vlm`, FastVlmForConditionalGeneration.save_pretrained).
+FAST_VLM = Layout("fast_vlm", "model.vision_tower.timm_model.",
+                  ("model.multi_modal_projector.linear_1.", "model.multi_modal_projector.linear_2."),
+                  "model.language_model.", timm_key, to_timm_key)
 
 
 def part_of(name):
@@ -523,12 +768,16 @@ class Chat:
     so a follow-up question only prefills its own few tokens (`reuse_cache=False` recomputes the whole
     conversation each turn instead, as a stateless implementation would)."""
 
-    def __init__(self, model, tokenizer, image, config=None, reuse_cache=True):
-        self.model, self.tokenizer, self.image = model, tokenizer, image
+    def __init__(self, model, tokenizer, image, config=None, reuse_cache=True, system=SYSTEM_PROMPT):
+        self.model, self.tokenizer, self.image, self.system = model, tokenizer, image, system
         self.reuse_cache = reuse_cache
         config = config or {}
         self.context = min(config.get("tokenizer_model_max_length", 8192), model.llm.cfg.max_position_embeddings)
         self.stop_ids = {tokenizer.token_id(t) for t in STOP_TOKENS if tokenizer.token_id(t) is not None}
+        # Answers use the tokenizer's ids (embedding rows past it are padding), less an `<image>` token at
+        # its end: transformers' layout adds one for its placeholder, which no answer contains.
+        image_id = tokenizer.token_id(IMAGE)
+        self.vocab_limit = image_id if image_id is not None and image_id == len(tokenizer) - 1 else len(tokenizer)
         self.history = []             # every id fed so far, IMAGE_TOKEN_INDEX for the image
         self.image_embeds = None
         self.pos = 0                  # next free cache position
@@ -538,13 +787,18 @@ class Chat:
     def ask(self, question, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, on_token=None):
         if not question or not question.strip():
             raise InputError("the question is empty; ask something about the image")
+        for text, what in ((question, "the question"), (self.system, "the system prompt")):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:   # undecodable bytes (from a terminal or argv) arrive as surrogates
+                raise InputError(f"{what} is not valid UTF-8 text; check your terminal's encoding") from None
         model, device, t = self.model, self.model.llm.device, Timing()
         if self.image_embeds is None:
             t.start(device)
             pixels = preprocess(self.image, model.image_size)[None].to(device, model.llm.dtype)
             t.lap("preprocess")
             self.image_embeds = model.encode_image(pixels, timing=t)   # (1, N, d)
-        ids = turn_ids(self.tokenizer, question, first=not self.history)
+        ids = turn_ids(self.tokenizer, question, first=not self.history, system=self.system)
         needed = len(self.history) + len(ids) + self.image_embeds.shape[1] - 1   # <image> becomes 256 tokens
         if needed + max_new_tokens > self.context:
             raise InputError(f"the conversation needs {needed} + {max_new_tokens} tokens but the model's context "
@@ -567,9 +821,13 @@ class Chat:
             if on_token is not None:
                 on_token(token)
 
-        out, self.pos = qwen2.generate(
-            model.llm, embeds=embeds, start=start_pos, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, seed=seed, stop_ids=self.stop_ids, on_token=stream, vocab_limit=len(self.tokenizer))
+        try:
+            out, self.pos = qwen2.generate(
+                model.llm, embeds=embeds, start=start_pos, max_new_tokens=max_new_tokens, temperature=temperature,
+                top_p=top_p, seed=seed, stop_ids=self.stop_ids, on_token=stream, vocab_limit=self.vocab_limit)
+        except qwen2.NonFiniteLogits as e:
+            del self.history[len(self.history) - len(ids):]        # the turn was not taken
+            raise AnswerError(non_finite_cause(model, str(e))) from None
         synchronize(device)
         end = time.perf_counter()
         self.history += out
@@ -578,6 +836,17 @@ class Chat:
         t.decode, t.new_tokens = end - first_at, len(out)
         self.timing = t
         return self.tokenizer.decode(out).strip()
+
+
+def non_finite_cause(model, what):
+    """What to tell a user whose model produced NaN/inf: damaged weights if the loader saw any, else an
+    overflow of the dtype."""
+    bad = getattr(model, "nonfinite_tensor", None)
+    if bad is not None:
+        return f"{what}: the checkpoint holds NaN or infinite weights (first: '{bad}'); re-download or re-train it"
+    dtype = str(model.llm.dtype).removeprefix("torch.")
+    return (f"{what}: the activations overflowed {dtype}; run in bfloat16 or float32 "
+            "(--dtype bfloat16, or --dtype float32)")
 
 
 def answer(model, tokenizer, image_path, question, **kw):

@@ -1,16 +1,30 @@
-"""Ask FastVLM about an image.
+"""Ask FastVLM about an image, or many questions about many images.
 
     python infer.py photo.jpg "What does the sign say?"                 # the embedded tiny model
-    python infer.py photo.jpg "What does the sign say?" --model llava-fastvithd_0.5b_stage3
-    python infer.py photo.jpg --model FOLDER                            # interactive chat about the image
+    python infer.py photo.jpg "What does the sign say?" --model apple/FastVLM-0.5B
+    python infer.py photo.jpg --model checkpoints/FastVLM-0.5B          # interactive chat about the image
+    python infer.py --batch questions.jsonl --out answers.jsonl --model ...
 
-Greedy decoding by default (deterministic); the answer streams to stdout as it is generated.
-`--timing` prints the time to first token split into its parts, then decode speed and peak memory.
+`--model` takes a folder (Apple's LLaVA layout, transformers' fast_vlm layout, or train.py's output) or
+a Hugging Face repo id, found in the local Hugging Face cache (or downloaded when huggingface_hub is
+installed). Greedy decoding by default (deterministic); the answer streams to stdout as it is
+generated (`--json` prints one JSON object instead). `--timing` prints the time to first token split
+into its parts, then decode speed and peak memory.
+
+Batch mode reads one JSON object per line, {"image": ..., "question": ...} with optional "id",
+"max_new_tokens" and "chat" (true: consecutive chat lines about the same image are one conversation),
+image paths relative to the question file's folder. It loads the model once, encodes each image once
+for the questions about it, and writes one JSON answer per line (id, image, question, answer, ttft_ms,
+tokens, error), appended and flushed as each is done; rerun with the same --out to answer only the
+ids not answered yet. A bad line becomes an answer with an error, and the run goes on.
 Problems with the input are reported in one line on stderr with a non-zero exit code.
 """
 
 import argparse
+import json
+import math
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "fastvlm-tiny"
@@ -18,10 +32,16 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "fastvlm-tiny"
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("image", help="image file (PNG, JPEG, ...)")
+    p.add_argument("image", nargs="?", help="image file (PNG, JPEG, ...)")
     p.add_argument("question", nargs="?", help="question about the image; omit it for an interactive chat")
-    p.add_argument("--model", type=Path, default=None,
-                   help=f"FastVLM folder (official checkpoint or train.py output); default: {DEFAULT_MODEL.name}")
+    p.add_argument("--model", default=None,
+                   help=f"FastVLM folder or Hugging Face repo id (ORG/NAME); default: {DEFAULT_MODEL.name}")
+    p.add_argument("--batch", type=Path, default=None, metavar="JSONL",
+                   help="answer every question of this file (one JSON object per line)")
+    p.add_argument("--out", type=Path, default=None, metavar="JSONL",
+                   help="with --batch: append answers here and skip the ids it already has (default: stdout)")
+    p.add_argument("--json", action="store_true", help="print the answer as one JSON object")
+    p.add_argument("--system", default=None, help="replace the system prompt (default: the model's own)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -65,13 +85,39 @@ def pick_dtype(name, device):
     return getattr(torch, name)
 
 
+def is_utf8(text):
+    try:
+        text.encode("utf-8")       # undecodable bytes in argv arrive as surrogates, which cannot be encoded
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def check_options(args):
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
-    if args.temperature < 0:
-        raise UsageError("--temperature must be >= 0 (0 = greedy)")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UsageError("--temperature must be a finite number >= 0 (0 = greedy)")
     if not 0 < args.top_p <= 1:
         raise UsageError("--top-p must be in (0, 1]")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 63:
+        raise UsageError("--seed must be between 0 and 2**63 - 1")
+    if args.batch is not None:
+        if args.image is not None:
+            raise UsageError("--batch takes the images and questions from its file; drop the IMAGE argument")
+        if args.json:
+            raise UsageError("--batch already writes JSON lines; drop --json")
+    else:
+        if args.image is None:
+            raise UsageError("give an image (and a question), or --batch FILE; see --help")
+        if args.out is not None:
+            raise UsageError("--out goes with --batch")
+        if args.json and args.question is None:
+            raise UsageError("--json needs a question (the chat is interactive)")
+    for text, what in ((args.question, "the question"), (args.system, "--system"),
+                       (args.image, "the image path")):
+        if text is not None and not is_utf8(text):
+            raise UsageError(f"{what} is not valid UTF-8 text; check your terminal's encoding")
     if args.question is not None and not args.question.strip():
         raise UsageError("the question is empty; ask something about the image, or omit it to chat")
 
@@ -85,68 +131,259 @@ def print_timing(chat, device):
              f"projector {t.projector * 1000:.1f} ms | LLM prefill {t.prefill * 1000:.0f} ms ({t.prompt_tokens} tokens)"]
     if t.new_tokens > 1 and t.decode > 0:
         lines.append(f"decode: {t.new_tokens} tokens, {(t.new_tokens - 1) / t.decode:.1f} tokens/s")
-    if device.type == "cuda":
-        lines.append(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
-    else:
-        import resource
-        lines.append(f"peak process memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    lines.append(memory_line(device))
     print("\n".join(lines), file=sys.stderr)
+
+
+def peak_rss_mib():
+    """The process's peak resident memory. Linux's VmHWM belongs to this program's own address space;
+    getrusage's ru_maxrss (the fallback elsewhere) carries over the peak of the process that started it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+
+
+def memory_line(device):
+    import torch
+
+    rss = f"peak process memory: {peak_rss_mib():.0f} MiB"
+    if device.type == "cuda":
+        return f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB | {rss}"
+    return rss
+
+
+class Streamer:
+    """Prints an answer as its tokens arrive, so that stdout ends with exactly the answer the Python API
+    returns. One character can span several byte-level tokens and decodes to U+FFFD until it is whole,
+    and the API strips surrounding whitespace: so only whole characters up to the last non-space one are
+    printed while decoding, and `finish(answer)` prints the rest of the final answer (a U+FFFD included
+    when the token limit cut a character in two)."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out, self.ids, self.shown = tokenizer, out or sys.stdout, [], ""
+
+    def __call__(self, token):
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids).strip()
+        if not text.endswith("\ufffd") and text.startswith(self.shown):
+            self.out.write(text[len(self.shown):])
+            self.out.flush()
+            self.shown = text
+
+    def finish(self, answer):
+        if answer.startswith(self.shown):
+            self.out.write(answer[len(self.shown):])
+        self.out.write("\n")
+        self.out.flush()
+
+
+def load(args):
+    """(model, tokenizer, config, device) for the options; the model is named by --model (or the default)."""
+    import torch
+
+    from fastvlm import FastVLM
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    if args.model is None and not DEFAULT_MODEL.is_dir():
+        raise UsageError(f"the embedded default model ({DEFAULT_MODEL}) is not in this checkout yet; "
+                         "pass --model FOLDER with an official FastVLM checkpoint (see README)")
+    torch.set_grad_enabled(False)
+    model, tokenizer, config = FastVLM.from_pretrained(args.model or DEFAULT_MODEL, device=device, dtype=dtype,
+                                                       fast=not args.plain, progress=True)
+    return model, tokenizer, config, device
+
+
+def single(args):
+    """One question, or an interactive chat, about one image."""
+    from fastvlm import SYSTEM_PROMPT, Chat, InputError, load_image
+
+    image = load_image(args.image)                           # fail fast, before loading a model
+    model, tokenizer, config, device = load(args)
+    chat = Chat(model, tokenizer, image, config, system=SYSTEM_PROMPT if args.system is None else args.system)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+
+    def ask(question):
+        if args.json:
+            text = chat.ask(question, **options)
+            print(json.dumps(answer_record(None, args.image, question, text, chat), ensure_ascii=False))
+        else:
+            streamer = Streamer(tokenizer)
+            streamer.finish(chat.ask(question, on_token=streamer, **options))
+        if args.timing:
+            print_timing(chat, device)
+
+    if args.question is not None:
+        ask(args.question)
+        return 0
+    print(f"Chatting about {args.image}. Empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            question = input("> ")
+        except EOFError:
+            return 0
+        except UnicodeDecodeError:
+            print("error: that line is not valid UTF-8 text; check your terminal's encoding", file=sys.stderr)
+            continue
+        if not question.strip():
+            return 0
+        try:
+            ask(question)
+        except InputError as e:               # e.g. a question too long for what is left of the context:
+            print(f"error: {e}", file=sys.stderr)   # say so and keep the conversation
+
+
+def answer_record(id_, image, question, answer, chat=None, error=None):
+    """One line of batch output (and the object of --json)."""
+    t = chat.timing if chat is not None and error is None else None
+    return {"id": id_, "image": image, "question": question, "answer": answer,
+            "ttft_ms": None if t is None else round(t.ttft * 1000, 1),
+            "tokens": None if t is None else t.new_tokens, "error": error}
+
+
+def read_batch(path):
+    """The question file as a list of (line number, parsed object or an error string)."""
+    try:
+        raw = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise UsageError(f"cannot read the question file {path} ({e.strerror})") from None
+    out = []
+    for number, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line.decode("utf-8"))
+            out.append((number, item if isinstance(item, dict) else "the line is not a JSON object"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            out.append((number, f"the line is not valid JSON ({e})"))
+    if not out:
+        raise UsageError(f"the question file {path} has no questions (one JSON object per line)")
+    return out
+
+
+def answered_ids(out_path):
+    """The ids already in an output file. A last line cut short by a killed process is removed first,
+    so that what follows is appended to whole lines only."""
+    if out_path is None or not out_path.is_file():
+        return set()
+    data = out_path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[:data.rfind(b"\n") + 1]
+        with open(out_path, "r+b") as f:
+            f.truncate(len(data))
+    done = set()
+    for line in data.splitlines():
+        try:
+            done.add(json.dumps(json.loads(line)["id"]))
+        except (ValueError, KeyError, TypeError):
+            raise UsageError(f"{out_path} has lines that are not answers of this program; "
+                             "pass another --out") from None
+    return done
+
+
+def batch(args):
+    """Every question of the --batch file; see the module docstring."""
+    from tqdm import tqdm
+
+    import fastvlm as FV
+    from checkpoint import CheckpointError
+
+    items = read_batch(args.batch)
+    base = args.batch.parent
+    # Each entry: its id (the line number when it has none), what to ask, or why it cannot be asked.
+    entries = []
+    for number, item in items:
+        if isinstance(item, str):
+            entries.append(dict(id=number, image=None, question=None, error=item))
+            continue
+        entry = dict(id=item.get("id", number), image=item.get("image"), question=item.get("question"),
+                     chat=item.get("chat") is True, max_new_tokens=item.get("max_new_tokens", args.max_new_tokens),
+                     error=None)
+        if not isinstance(entry["image"], str) or not entry["image"]:
+            entry["error"] = "the line has no \"image\" (a path to an image file)"
+        elif not isinstance(entry["question"], str) or not entry["question"].strip():
+            entry["error"] = "the line has no \"question\" (non-empty text)"
+        elif not isinstance(entry["max_new_tokens"], int) or isinstance(entry["max_new_tokens"], bool) \
+                or entry["max_new_tokens"] < 1:
+            entry["error"] = "\"max_new_tokens\" must be a whole number >= 1"
+        entries.append(entry)
+    ids = [json.dumps(e["id"]) for e in entries]
+    if len(set(ids)) != len(ids):
+        duplicate = next(i for i in ids if ids.count(i) > 1)
+        raise UsageError(f"{args.batch}: the id {duplicate} is used twice; every line needs its own id")
+
+    # Conversations: consecutive chat lines about the same image. Answered and written together, so an
+    # interrupted conversation is answered again whole.
+    groups = []
+    for entry in entries:
+        if entry["error"] is None and entry["chat"]:
+            last = groups[-1][-1] if groups else None
+            if last is not None and last.get("chat") and last["error"] is None and last["image"] == entry["image"]:
+                groups[-1].append(entry)
+                continue
+        groups.append([entry])
+    done = answered_ids(args.out)
+    todo = [g for g in groups if not all(json.dumps(e["id"]) in done for e in g)]
+    skipped = len(entries) - sum(len(g) for g in todo)
+    if skipped:
+        print(f"{skipped} of {len(entries)} questions already answered in {args.out}; answering the rest",
+              file=sys.stderr)
+    model, tokenizer, config, device = load(args)
+    system = FV.SYSTEM_PROMPT if args.system is None else args.system
+    out = open(args.out, "a", encoding="utf-8") if args.out is not None else sys.stdout
+    encoded = OrderedDict()                              # image path -> its (1, N, d) embeddings, the last 16
+    options = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    try:
+        with tqdm(total=sum(len(g) for g in todo), desc="answering", unit="question", file=sys.stderr,
+                  disable=None) as bar:   # shown on a terminal only
+            for group in todo:
+                lines, chat = [], None
+                for entry in group:
+                    record = answer_record(entry["id"], entry["image"], entry["question"], None,
+                                           error=entry["error"])
+                    if entry["error"] is None:
+                        path = Path(entry["image"])
+                        path = path if path.is_absolute() else base / path
+                        try:
+                            if chat is None or not entry["chat"]:
+                                chat = FV.Chat(model, tokenizer, FV.load_image(path), config, system=system)
+                                chat.image_embeds = encoded.get(str(path))
+                            text = chat.ask(entry["question"], max_new_tokens=entry["max_new_tokens"], **options)
+                            record = answer_record(entry["id"], entry["image"], entry["question"], text, chat)
+                            encoded[str(path)] = chat.image_embeds
+                            encoded.move_to_end(str(path))
+                            if len(encoded) > 16:
+                                encoded.popitem(last=False)
+                        except (FV.InputError, CheckpointError) as e:
+                            record["error"] = str(e)
+                    lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+                    bar.update()
+                out.write("".join(lines))                 # one write per answer or conversation, then flush:
+                out.flush()                              # a killed run loses at most what is in progress
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if args.timing:
+        print(memory_line(device), file=sys.stderr)
+    return 0
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         check_options(args)
-        import torch
-
         from checkpoint import CheckpointError
-        from fastvlm import Chat, FastVLM, InputError, load_image
+        from fastvlm import AnswerError, InputError
 
         try:
-            image = load_image(args.image)                 # fail fast, before loading a model
-            device = pick_device(args.device)
-            dtype = pick_dtype(args.dtype, device)
-            folder = args.model or DEFAULT_MODEL
-            if args.model is None and not DEFAULT_MODEL.is_dir():
-                raise UsageError(f"the embedded default model ({DEFAULT_MODEL}) is not in this checkout yet; "
-                                 "pass --model FOLDER with an official FastVLM checkpoint (see README)")
-            torch.set_grad_enabled(False)
-            model, tokenizer, config = FastVLM.from_pretrained(folder, device=device, dtype=dtype,
-                                                               fast=not args.plain)
-            chat = Chat(model, tokenizer, image, config)
-
-            def stream(token):
-                # Decode the whole answer so far and print what is new: one character can span
-                # several byte-level tokens, and a half character decodes to U+FFFD until it is whole.
-                stream.ids.append(token)
-                text = tokenizer.decode(stream.ids).lstrip()
-                if not text.endswith("\ufffd"):
-                    sys.stdout.write(text[len(stream.shown):])
-                    sys.stdout.flush()
-                    stream.shown = text
-
-            def ask(question):
-                stream.ids, stream.shown = [], ""
-                chat.ask(question, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_p=args.top_p, seed=args.seed, on_token=stream)
-                sys.stdout.write("\n")
-                sys.stdout.flush()
-                if args.timing:
-                    print_timing(chat, device)
-
-            if args.question is not None:
-                ask(args.question)
-                return 0
-            print(f"Chatting about {args.image}. Empty line or Ctrl-D to quit.", file=sys.stderr)
-            while True:
-                try:
-                    question = input("> ")
-                except EOFError:
-                    return 0
-                if not question.strip():
-                    return 0
-                ask(question)
-        except (InputError, CheckpointError) as e:
+            return batch(args) if args.batch is not None else single(args)
+        except (InputError, CheckpointError, AnswerError) as e:
             raise UsageError(str(e)) from None
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -44,8 +44,19 @@ class Qwen2Config:
     tie_word_embeddings: bool = True
 
     def __post_init__(self):
+        for f in fields(self):              # config.json is user input: "896" or 0 must not get further
+            value, kind = getattr(self, f.name), type(f.default)
+            if kind is bool:
+                ok = isinstance(value, bool)
+            else:
+                ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool) \
+                    and value > 0
+            if not ok:
+                wanted = "true or false" if kind is bool else f"a positive {'number' if kind is float else 'integer'}"
+                raise ValueError(f"{f.name} must be {wanted}, not {value!r}")
         if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("hidden_size must split into heads, and query heads into k/v groups")
+            raise ValueError(f"hidden_size {self.hidden_size} must split into {self.num_attention_heads} heads, "
+                             f"and those into {self.num_key_value_heads} k/v groups")
 
     @property
     def head_dim(self):
@@ -301,7 +312,10 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     """One token id from (vocab,) logits: argmax at temperature 0, else nucleus sampling."""
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # Shifted so the largest logit is 0: a tiny temperature then sends the others to -inf (greedy in the
+    # limit) instead of overflowing every logit to inf and the probabilities to NaN.
+    logits = logits.float()
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         # keep the smallest prefix whose mass reaches top_p (always at least the top token)
@@ -309,6 +323,10 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
         sorted_p[drop] = 0.0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class NonFiniteLogits(RuntimeError):
+    """NaN or infinite logits: damaged weights, or values beyond the range of the model's dtype."""
 
 
 @torch.no_grad()
@@ -320,6 +338,7 @@ def generate(model, tokens=None, embeds=None, start=0, max_new_tokens=64, temper
     been written to the cache, so a follow-up turn can continue at that position. `on_token(id)` is
     called as soon as each token is chosen (streaming). `vocab_limit` ignores logits past the
     tokenizer's length (padding rows of the embedding), as the official loader does by resizing.
+    Raises NonFiniteLogits when a step's logits hold NaN or infinity (no answer could be trusted).
     """
     if model.max_len == 0:
         raise ValueError("call model.setup_cache(max_len) before generate()")
@@ -334,7 +353,10 @@ def generate(model, tokens=None, embeds=None, start=0, max_new_tokens=64, temper
     logits = model(tokens, embeds, start=start, last_only=True)[0, -1]
     pos, out = start + T, []
     for _ in range(max_new_tokens):
-        token = sample(logits[:vocab_limit], temperature, top_p, generator)
+        logits = logits[:vocab_limit]
+        if not torch.isfinite(logits).all():   # NaN or inf: no token can be chosen from these
+            raise NonFiniteLogits(f"the model produced non-finite logits after {len(out)} new tokens")
+        token = sample(logits, temperature, top_p, generator)
         if token in stop_ids:
             break
         out.append(token)
@@ -426,7 +448,17 @@ class Tokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text):
+        """Ids of template text: special-token strings such as `<|im_end|>` become their control ids."""
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_text(self, text):
+        """Ids of user text: special-token strings are encoded as the characters they are, so typed text
+        can never close a turn or open a new one. Ordinary text gets the same ids as `encode`."""
+        self.tok.encode_special_tokens = True
+        try:
+            return self.tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tok.encode_special_tokens = False
 
     def decode(self, ids, skip_special_tokens=True):
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -228,34 +228,16 @@ def export_tensors(model):
     for m in tower.modules():
         if isinstance(m, repmixer.Reparameterizable) and not isinstance(m, repmixer.ConvFFN):
             m.reparameterize()
-    out = {FV.VISION_PREFIX + FV.to_official_key(k, tower.cfg): v
-           for k, v in tower.state_dict().items()}
-    out.update({FV.PROJECTOR_PREFIX + k: v for k, v in model.mm_projector.state_dict().items()})
+    ours = {"vision_tower." + k: v for k, v in tower.state_dict().items()}
+    ours.update({"mm_projector." + k: v for k, v in model.mm_projector.state_dict().items()})
     llm = model.llm
-    for k, v in llm.state_dict().items():
-        if k == "lm_head.weight":
-            if llm.lm_head.weight is not llm.embed_tokens.weight:
-                out[k] = v
-        else:
-            out["model." + k] = v
-    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+    ours.update({"llm." + k: v for k, v in llm.state_dict().items()
+                 if k != "lm_head.weight" or llm.lm_head.weight is not llm.embed_tokens.weight})  # a tied head is not stored
+    return {FV.LLAVA.theirs(k, tower.cfg): v.detach().contiguous().clone() for k, v in ours.items()}
 
 
 def config_dict(model, base=None):
-    cfg = dict(base or {})
-    cfg.update({k: v for k, v in asdict(model.llm.cfg).items()})
-    cfg.update({"architectures": ["LlavaQwen2ForCausalLM"], "model_type": "llava_qwen2",
-                "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": model.vision_tower.cfg.out_channels,
-                "image_aspect_ratio": "pad", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
-                "tokenizer_model_max_length": cfg.get("tokenizer_model_max_length", 8192)})
-    vision = model.vision_tower.cfg
-    if vision == repmixer.FastViTHDConfig(image_size=vision.image_size):
-        cfg["mm_vision_tower"] = f"mobileclip_l_{vision.image_size}"
-        cfg.pop("fastvithd", None)
-    else:
-        cfg["mm_vision_tower"] = f"fastvithd_custom_{vision.image_size}"
-        cfg["fastvithd"] = asdict(vision)
-    return cfg
+    return FV.llava_config(model.vision_tower.cfg, model.llm.cfg, base)
 
 
 def save_checkpoint(out, model, tokenizer, config, state):

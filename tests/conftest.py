@@ -4,6 +4,8 @@
   into every module collected after it, so whether a training test saw autograd depended on the order
   of the files. Now each test runs with autograd on, or off when its module or the test carries
   `pytest.mark.inference`, and the mode is restored afterwards whatever the test did.
+* `small_model_dir`: one small FastVLM folder in Apple's layout for the command-line tests (a tiny
+  FastViTHD at 128 px, a 2-layer Qwen2 with the real vocabulary and tokenizer), written once a session.
 * Hypothesis draws new examples on every run by default, so whether a bug is caught could depend on
   the draw. Under CI (the `CI` environment variable, which `.ci/run` gets) the `ci` profile derandomizes
   the draws: the same examples every run. Locally the `dev` profile explores new ones; choose either
@@ -15,6 +17,11 @@ import os
 import pytest
 import torch
 from hypothesis import settings
+
+import repmixer as R
+from synthetic import write_fastvlm_checkpoint
+
+SMALL_VISION = R.FastViTHDConfig(depths=(1, 1, 1, 1, 1), widths=(8, 16, 32, 64, 128), head_dim=16, image_size=128)
 
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 settings.register_profile("dev")
@@ -37,3 +44,8 @@ def pytest_runtest_call(item):
 
 def pytest_report_header(config):
     return f"hypothesis profile: {settings._current_profile}"
+
+
+@pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory):
+    return write_fastvlm_checkpoint(tmp_path_factory.mktemp("small-model") / "m", vision_cfg=SMALL_VISION)

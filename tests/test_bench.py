@@ -13,7 +13,7 @@ def test_bench_quick_runs_every_section(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
     for heading in ("machine probe", "encoder scaling", "Qwen2 tiny shapes", "FastVLM tiny", "speed-up",
-                    "where the time goes", "OMP_WAIT_POLICY"):
+                    "where the time goes", "OMP_WAIT_POLICY", "batch mode:"):
         assert heading in out, heading
     assert "| ours |" in out and "| transformers |" in out           # the decoder reference ran
     assert (tmp_path / "encoder_scaling.png").stat().st_size > 1000

@@ -10,6 +10,8 @@ never in tests. Random weights at the real shapes (tools/synthetic.py), no downl
                                       FLOPs and GFLOP/s against the matmul probe
     python tools/bench.py probe       the machine's ceiling: fp32 matmul GFLOP/s and copy bandwidth
     python tools/bench.py threads     decode speed under OMP_WAIT_POLICY and thread-count settings
+    python tools/bench.py batch       infer.py --batch vs one infer.py call per question (50 questions, 10
+                                      images, the shipped tiny model): answers per second
     add --quick for tiny shapes and one run (the smoke test does this)
 
 Medians over --runs runs after one warm-up. Every table prints the torch version, thread count and
@@ -29,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))                                   # the model files, when run as a script
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]                # the model files, when run as a script
 
 import fastvlm as FV  # noqa: E402
 import qwen2 as Q  # noqa: E402
@@ -611,16 +613,57 @@ def bench_breakdown(args):
     return all_flops, all_seconds
 
 
+def bench_batch(args):
+    """infer.py --batch against one infer.py call per question: 50 questions about 10 images (5 each), the
+    shipped tiny model, whole processes timed (loading included)."""
+    import json
+    import random
+    import tempfile
+
+    import shapes_data
+
+    n_images, per_image = (2, 2) if args.quick else (10, 5)
+    tmp = Path(tempfile.mkdtemp())
+    rng, rows = random.Random(0), []
+    for i in range(n_images):
+        objects = shapes_data.random_scene(rng)
+        shapes_data.draw_scene(objects, rng).save(tmp / f"scene{i}.png")
+        asked = [q for _, q, _ in shapes_data.questions(objects, rng)][:per_image]   # every scene has >= 5
+        rows += [{"id": f"{i}-{j}", "image": f"scene{i}.png", "question": q} for j, q in enumerate(asked)]
+    (tmp / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    infer_py = [sys.executable, str(ROOT / "infer.py")]
+    print(f"## batch: {len(rows)} questions about {n_images} images, shipped tiny model, whole processes "
+          f"({settings_line()})\n")
+    start = time.perf_counter()
+    subprocess.run(infer_py + ["--batch", str(tmp / "questions.jsonl"), "--out", str(tmp / "answers.jsonl")],
+                   check=True, capture_output=True)
+    batch_s = time.perf_counter() - start
+    batch_answers = [json.loads(line)["answer"] for line in (tmp / "answers.jsonl").read_text().splitlines()]
+    single_answers, start = [], time.perf_counter()
+    for r in rows:
+        done = subprocess.run(infer_py + [str(tmp / r["image"]), r["question"]], check=True, capture_output=True,
+                              text=True)
+        single_answers.append(done.stdout.removesuffix("\n"))
+    single_s = time.perf_counter() - start
+    assert batch_answers == single_answers, "batch answers differ from the single-question command's"
+    print("| mode | wall time | answers/s |\n|---|---|---|")
+    print(f"| {len(rows)} separate infer.py calls | {single_s:.1f} s | {len(rows) / single_s:.2f} |")
+    print(f"| one infer.py --batch | {batch_s:.1f} s | {len(rows) / batch_s:.2f} |")
+    print(f"\nbatch mode: {single_s / batch_s:.1f}x the answers per second, the same {len(rows)} answers")
+    return single_s / batch_s
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["reparam", "encoder", "decoder", "ttft", "breakdown", "probe", "threads", "all"])
+    p.add_argument("what", choices=["reparam", "encoder", "decoder", "ttft", "breakdown", "probe", "threads", "batch",
+                                    "all"])
     p.add_argument("--quick", action="store_true", help="tiny shapes, one run: checks the script runs")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "results"))
     p.add_argument("--no-reference", action="store_true", help="skip the transformers comparisons")
     args = p.parse_args(argv)
     jobs = {"probe": probe, "reparam": bench_reparam, "encoder": bench_encoder, "decoder": bench_decoder,
-            "ttft": bench_ttft, "breakdown": bench_breakdown, "threads": bench_threads}
+            "ttft": bench_ttft, "breakdown": bench_breakdown, "threads": bench_threads, "batch": bench_batch}
     for name in (jobs if args.what == "all" else [args.what]):
         jobs[name](args)
         print()
