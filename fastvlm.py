@@ -220,22 +220,35 @@ class FastVLM(nn.Module):
         return self.splice(ids, None if image_embeds is None else image_embeds[0])[None]
 
     def forward(self, pixels, ids, labels=None):
-        """Training forward over a batch with one image per sequence.
+        """Training forward over a batch of conversations, each with one image or none (text-only).
 
-        pixels (B, 3, S, S); ids (B, T) with one IMAGE_TOKEN_INDEX each (right-padded); labels (B, T)
-        with -100 where no loss applies. Returns logits (B, T + N - 1, vocab) and the labels spread to
-        the same length (-100 on the N image positions), where N = image tokens per image.
+        pixels (K, 3, S, S): the images of the rows of `ids` that hold an IMAGE_TOKEN_INDEX, in row order
+        (None when no row does); ids (B, T) right-padded; labels (B, T) with -100 where no loss applies.
+        Returns logits (B, T', vocab) and the labels spread to the same positions: -100 on the N image
+        tokens, and on the zeros that pad a text-only row to the others' length T' (causal attention
+        never lets an earlier position see them).
         """
-        image_embeds = self.encode_image(pixels)                          # (B, N, d)
-        embeds = torch.stack([self.splice(row, image) for row, image in zip(ids, image_embeds)])
+        has_image = (ids == IMAGE_TOKEN_INDEX).any(1).tolist()
+        if sum(has_image) != (0 if pixels is None else len(pixels)):
+            raise ValueError(f"{sum(has_image)} rows hold an image marker but {0 if pixels is None else len(pixels)} "
+                             "images were given")
+        images = iter(self.encode_image(pixels) if pixels is not None else ())     # (K, N, d)
+        rows, spread = [], []
+        for b, row in enumerate(ids):
+            image = next(images) if has_image[b] else None
+            rows.append(self.splice(row, image))                              # (T or T + N - 1, d)
+            if labels is not None:
+                lab = labels[b]
+                if image is not None:                                         # the same splice, for labels
+                    at = int((row == IMAGE_TOKEN_INDEX).nonzero()[0])
+                    lab = torch.cat([lab[:at], lab.new_full((image.shape[0],), -100), lab[at + 1:]])
+                spread.append(lab)
+        width = max(r.shape[0] for r in rows)
+        embeds = torch.stack([nn.functional.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])   # (B, T', d)
         logits = self.llm(embeds=embeds)
         if labels is None:
             return logits, None
-        spread = []
-        for row, lab in zip(ids, labels):                                 # the same splice, for labels
-            at = int((row == IMAGE_TOKEN_INDEX).nonzero()[0])
-            spread.append(torch.cat([lab[:at], lab.new_full((image_embeds.shape[1],), -100), lab[at + 1:]]))
-        return logits, torch.stack(spread)
+        return logits, torch.stack([nn.functional.pad(l, (0, width - l.shape[0]), value=-100) for l in spread])
 
     @classmethod
     def from_pretrained(cls, folder, device="cpu", dtype=torch.float32, fold_batchnorm=True, fast=True,

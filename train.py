@@ -80,48 +80,144 @@ STATE = "training_state.pt"
 
 
 class DataError(ValueError):
-    """A problem with the training data; the message names the file and the record."""
+    """A problem with the training data or options; the message names the file and the record."""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss, a full disk); the message says what was kept."""
 
 
 # ----------------------------------------------------------------------------------------------------
 # Data.
 # ----------------------------------------------------------------------------------------------------
 
-def load_records(data_path, image_folder=None):
-    """Read and validate a LLaVA-format JSON list; every problem names the record (images are checked
-    when their folder is given)."""
-    data_path = Path(data_path)
-    if not data_path.is_file():
-        raise DataError(f"data file not found: {data_path}")
+ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}   # LLaVA's names, and the chat names
+
+
+def read_records(path):
+    """The records of one data file: a JSON array (as LLaVA's files are) or JSON lines (one record a line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
     try:
-        records = json.loads(data_path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{data_path} is not valid JSON ({e})") from None
-    if not isinstance(records, list) or not records:
-        raise DataError(f"{data_path} must hold a non-empty JSON list of records")
-    for i, r in enumerate(records):
-        where = f"{data_path} record {i}" + (f" (id {r.get('id')!r})" if isinstance(r, dict) and "id" in r else "")
-        if not isinstance(r, dict) or "image" not in r or "conversations" not in r:
-            raise DataError(f"{where}: needs 'image' and 'conversations'")
-        turns = r["conversations"]
-        if not isinstance(turns, list) or not all(isinstance(t, dict) and t.get("from") in ("human", "gpt")
-                                                  and isinstance(t.get("value"), str) for t in turns):
-            raise DataError(f"{where}: conversations must be a list of {{'from': 'human'|'gpt', 'value': str}}")
-        if not any(t["from"] == "gpt" for t in turns):
-            raise DataError(f"{where}: the conversation has no assistant ('gpt') turn to learn from")
-        if turns[0]["from"] != "human" or any(a["from"] == b["from"] for a, b in zip(turns, turns[1:])):
-            raise DataError(f"{where}: turns must alternate human, gpt, human, ... starting with human")
-        later = [k for k, t in enumerate(turns) if k > 0 and FV.IMAGE in t["value"]]
-        if later:
-            raise DataError(f"{where}: turn {later[0]} holds an '{FV.IMAGE}' marker; one image per conversation, "
-                            "marked in the first human turn only")
-        if image_folder is not None and not (Path(image_folder) / r["image"]).is_file():
-            raise DataError(f"{where}: image {Path(image_folder) / r['image']} not found")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e})") from None
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} is not valid JSON ({e})") from None
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path} line {number} is not valid JSON ({e}); a data file is a JSON "
+                                    "array of records or one JSON record a line") from None
+    if not records:
+        raise DataError(f"{path} holds no records")
     return records
 
 
-def tokenize_conversation(tokenizer, turns):
-    """ids (with IMAGE_TOKEN_INDEX) and labels (-100 except on each answer and its <|im_end|>)."""
+def normalise(r, where, counts):
+    """One LLaVA record -> {"id", "image": file name or None (text-only), "conversations": [{"from":
+    "human"|"gpt", "value"}]}, alternating from a human turn. A leading assistant turn is dropped, as
+    LLaVA's preprocessing drops it, and counted."""
+    if not isinstance(r, dict) or not isinstance(r.get("conversations"), list):
+        raise DataError(f"{where}: needs 'conversations' (a list of turns) and, unless text-only, 'image'")
+    image = r.get("image")
+    if isinstance(image, list):
+        raise DataError(f"{where}: 'image' lists {len(image)} images; FastVLM is trained with one image per "
+                        "conversation: split the record or leave it out")
+    if image is not None and (not isinstance(image, str) or not image):
+        raise DataError(f"{where}: 'image' must be a file name (or absent, for a text-only conversation)")
+    turns = []
+    for t in r["conversations"]:
+        if not isinstance(t, dict) or t.get("from") not in ROLES or not isinstance(t.get("value"), str):
+            raise DataError(f"{where}: conversations must be a list of {{'from': 'human'|'gpt' (or 'user'|"
+                            "'assistant'), 'value': str}")
+        turns.append({"from": ROLES[t["from"]], "value": t["value"]})
+    if turns and turns[0]["from"] == "gpt":
+        turns = turns[1:]
+        counts["leading assistant turns dropped"] += 1
+    if not any(t["from"] == "gpt" for t in turns):
+        raise DataError(f"{where}: the conversation has no assistant ('gpt') turn to learn from")
+    if any(a["from"] == b["from"] for a, b in zip(turns, turns[1:])):
+        raise DataError(f"{where}: turns must alternate human, gpt, human, ... starting with human")
+    later = [k for k, t in enumerate(turns) if k > 0 and FV.IMAGE in t["value"]]
+    if later:
+        raise DataError(f"{where}: turn {later[0]} holds an '{FV.IMAGE}' marker; one image per conversation, "
+                        "marked in the first human turn only")
+    if image is None:
+        if FV.IMAGE in turns[0]["value"]:
+            raise DataError(f"{where}: the first turn has an '{FV.IMAGE}' marker but the record no 'image'")
+        counts["text-only"] += 1
+    return {"id": r.get("id"), "image": image, "conversations": turns}
+
+
+def image_problem(path):
+    """Why an image file cannot be used (a cheap check: it exists and its header is an image's), or None."""
+    if not path.is_file():
+        return "not found"
+    try:
+        from PIL import Image
+
+        with Image.open(path):
+            return None
+    except Exception as e:  # PIL raises several types for files that are not images
+        return f"not a readable image ({type(e).__name__})"
+
+
+def load_records(data_path, image_folder=None, skip_missing=False, counts=None):
+    """The normalised records of one data file, each with its image folder. Images are checked when the
+    folder is given: a missing or unreadable one stops with the first few named, or with `skip_missing`
+    is left out and counted."""
+    counts = counts if counts is not None else {}
+    for key in ("records", "text-only", "leading assistant turns dropped", "images skipped"):
+        counts.setdefault(key, 0)
+    out, bad = [], []
+    for i, r in enumerate(read_records(data_path)):
+        where = f"{data_path} record {i}" + (f" (id {r.get('id')!r})" if isinstance(r, dict) and "id" in r else "")
+        rec = normalise(r, where, counts)
+        rec["folder"] = None if image_folder is None else Path(image_folder)
+        if rec["image"] is not None and image_folder is not None:
+            problem = image_problem(rec["folder"] / rec["image"])
+            if problem:
+                if skip_missing:
+                    counts["images skipped"] += 1
+                    continue
+                bad.append(f"{where}: image {rec['folder'] / rec['image']} {problem}")
+        out.append(rec)
+    if bad:
+        raise DataError(f"{len(bad)} image(s) cannot be used, e.g. {'; '.join(bad[:3])}; fix them or pass "
+                        "--skip-missing-images to train without those records")
+    counts["records"] += len(out)
+    return out
+
+
+def load_datasets(data_paths, image_folders, skip_missing=False):
+    """Every record of several data files (`--data A B --images DIR_A DIR_B`, or one folder for all) and
+    the summary line printed at the start."""
+    if len(image_folders) not in (1, len(data_paths)):
+        raise DataError(f"--images: give one folder for all data files or one per file "
+                        f"({len(data_paths)} files, {len(image_folders)} folders)")
+    folders = image_folders * len(data_paths) if len(image_folders) == 1 else image_folders
+    records, parts, total = [], [], {}
+    for path, folder in zip(data_paths, folders):
+        counts = {}
+        records += load_records(path, folder, skip_missing, counts)
+        extra = [f"{n:,} {what}" for what, n in counts.items() if what != "records" and n]
+        parts.append(f"{Path(path).name}: {counts['records']:,} records" + (f" ({', '.join(extra)})" if extra else ""))
+        for k, v in counts.items():
+            total[k] = total.get(k, 0) + v
+    return records, "data: " + "; ".join(parts), total
+
+
+def tokenize_conversation(tokenizer, turns, image=True):
+    """ids (with IMAGE_TOKEN_INDEX when `image`) and labels (-100 except on each answer and its <|im_end|>)."""
     ids, labels = [], []
 
     def add(text, learn):
@@ -133,7 +229,7 @@ def tokenize_conversation(tokenizer, turns):
     for i, t in enumerate(turns):
         value = t["value"]
         if t["from"] == "human":
-            if i == 0:   # the image goes first in the first user turn, as in LLaVA
+            if i == 0 and image:   # the image goes first in the first user turn, as in LLaVA
                 value = FV.IMAGE + "\n" + value.replace(FV.IMAGE, "").strip()
             add(FV.USER + value + FV.END + FV.ASSISTANT, False)
         else:
@@ -143,8 +239,10 @@ def tokenize_conversation(tokenizer, turns):
 
 
 class Dataset(torch.utils.data.Dataset):
+    """(pixels or None for a text-only record, ids, labels) per record; truncation at `max_length` counted."""
+
     def __init__(self, records, image_folder, tokenizer, image_size, max_length):
-        self.records, self.folder = records, Path(image_folder)
+        self.records, self.folder = records, None if image_folder is None else Path(image_folder)
         self.tokenizer, self.image_size, self.max_length = tokenizer, image_size, max_length
         self.truncated = 0
 
@@ -153,19 +251,41 @@ class Dataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         r = self.records[i]
-        try:
-            image = FV.load_image(self.folder / r["image"])
-        except FV.InputError as e:
-            raise DataError(f"record {i} (id {r.get('id')!r}): {e}") from None
-        ids, labels = tokenize_conversation(self.tokenizer, r["conversations"])
+        pixels = None
+        if r.get("image") is not None:
+            folder = r.get("folder") or self.folder
+            try:
+                pixels = FV.preprocess(FV.load_image(folder / r["image"]), self.image_size)
+            except FV.InputError as e:
+                raise DataError(f"record {i} (id {r.get('id')!r}): {e}") from None
+        ids, labels = tokenize_conversation(self.tokenizer, r["conversations"], image=pixels is not None)
         if len(ids) > self.max_length:     # truncate (and count), as LLaVA does at model_max_length
             ids, labels = ids[:self.max_length], labels[:self.max_length]
+            if FV.IMAGE_TOKEN_INDEX not in ids:
+                pixels = None
             self.truncated += 1
-        return FV.preprocess(image, self.image_size), torch.tensor(ids), torch.tensor(labels)
+        return pixels, torch.tensor(ids), torch.tensor(labels)
+
+
+def load_items(dataset, indices, skip, counts):
+    """dataset[i] for each index; with `skip`, a record whose image fails to decode is left out and counted."""
+    items = []
+    for i in indices:
+        try:
+            items.append(dataset[i])
+        except DataError:
+            if not skip:
+                raise
+            counts["images skipped"] += 1
+    if not items:
+        raise DataError("every record of a micro-batch had an image that failed to decode")
+    return items
 
 
 def collate(items, pad_id):
-    pixels = torch.stack([p for p, _, _ in items])
+    """Right-padded ids and labels; the images of the records that have one, in order (maybe none)."""
+    images = [p for p, _, _ in items if p is not None]
+    pixels = torch.stack(images) if images else None
     T = max(len(i) for _, i, _ in items)
     ids = torch.full((len(items), T), pad_id)
     labels = torch.full((len(items), T), -100)
@@ -206,7 +326,7 @@ def initialise(args, records):
     if args.init:
         folder = Path(args.init)
         if (folder / STATE).is_file():
-            state = torch.load(folder / STATE, weights_only=True)
+            state = load_state(folder / STATE)
             model, tokenizer = model_from_state(state, folder)
             return model, tokenizer, not state["fused"]
         model, tokenizer, _ = FV.FastVLM.from_pretrained(folder, fold_batchnorm=False)
@@ -240,20 +360,77 @@ def config_dict(model, base=None):
     return FV.llava_config(model.vision_tower.cfg, model.llm.cfg, base)
 
 
+def load_state(path):
+    """training_state.pt, read with torch's weights-only loader (it runs no code); one line if damaged."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # a truncated zip, a tampered pickle: torch raises several types
+        raise DataError(f"{path} is damaged or not a training state ({type(e).__name__}); start again from the "
+                        "checkpoint beside it with --init (without --resume), or from an earlier run") from None
+
+
+def check_arguments(args):
+    """Options that cannot work, before anything is loaded or written."""
+    for name, value, low in (("--batch-size", args.batch_size, 1), ("--grad-accum", args.grad_accum, 1),
+                             ("--max-length", args.max_length, 32), ("--steps", args.steps, 1),
+                             ("--save-every", args.save_every, 0), ("--stop-after", args.stop_after, 1)):
+        if value is not None and value < low:
+            raise DataError(f"{name} must be at least {low}" + (" (the prompt template alone takes about 25 tokens)"
+                                                                 if name == "--max-length" else ""))
+    for name, value in (("--lr", args.lr), ("--epochs", args.epochs), ("--clip", args.clip)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise DataError(f"{name} must be a finite number > 0")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; choose a folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DataError(f"--out {out} is under {parent}, which is a file; choose a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(f"--out {out}: {parent} is not writable; choose a folder you can write to")
+
+
+def clean_leftovers(out):
+    """Remove the temporary folders of saves that a crash or a signal interrupted (they hold disk space)."""
+    out = Path(out)
+    if out.parent.is_dir():
+        for left in out.parent.glob(f".{out.name}.tmp-*"):
+            shutil.rmtree(left, ignore_errors=True)
+        for left in out.parent.glob(f".{out.name}.old-*"):
+            if out.is_dir():                 # the swap finished: the old copy is garbage
+                shutil.rmtree(left, ignore_errors=True)
+            else:                            # interrupted between the two renames: put the old one back
+                left.rename(out)
+
+
 def save_checkpoint(out, model, tokenizer, config, state):
-    """Write config + safetensors + tokenizer + training state to a temporary folder, then swap it in."""
+    """Write config + safetensors + tokenizer + training state to a temporary folder, then swap it in.
+    On any failure the temporary folder is removed and the previous checkpoint stays as it was."""
+    import errno
+
     from safetensors.torch import save_file
 
     out = Path(out)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    save_file(export_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    FV.save_tokenizer(tokenizer, tmp)
-    torch.save(state, tmp / STATE)
-    for extra in ("log.jsonl", "loss.png"):            # keep the run's log beside the newest weights
-        if (out / extra).is_file():
-            shutil.copy(out / extra, tmp / extra)
+    try:
+        tmp.mkdir(parents=True)
+        save_file(export_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        FV.save_tokenizer(tokenizer, tmp)
+        torch.save(state, tmp / STATE)
+        for extra in ("log.jsonl", "loss.png"):            # keep the run's log beside the newest weights
+            if (out / extra).is_file():
+                shutil.copy(out / extra, tmp / extra)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e)
+        if full:
+            raise TrainingError(f"no space left on {out.parent} while saving the checkpoint; free some and "
+                                f"rerun with --resume" + (f" (the last checkpoint in {out} is intact)"
+                                                          if (out / STATE).is_file() else "")) from None
+        raise
     old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
     if out.exists():
         out.rename(old)
@@ -351,8 +528,12 @@ def plot_losses(log_path, png_path=None):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=sorted(STAGES), required=True)
-    p.add_argument("--data", required=True, help="LLaVA-format JSON")
-    p.add_argument("--images", required=True, help="folder the records' image paths are relative to")
+    p.add_argument("--data", required=True, nargs="+", help="LLaVA-format data: JSON arrays or JSON lines, "
+                   "one file or several (datasets mixed)")
+    p.add_argument("--images", required=True, nargs="+", help="folder the records' image paths are relative to: "
+                   "one for all data files, or one per file in the same order")
+    p.add_argument("--skip-missing-images", action="store_true",
+                   help="leave out (and count) records whose image is missing or unreadable, instead of stopping")
     p.add_argument("--out", required=True, help="output folder (a FastVLM checkpoint + training state)")
     p.add_argument("--init", help="FOLDER to fine-tune or continue, or 'scratch' for a tiny model")
     p.add_argument("--init-llm", help="HF Qwen2 folder for the language model (with --init-vision)")
@@ -387,10 +568,12 @@ def main(argv=None):
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     try:
         return train(args, world, rank)
-    except (DataError, CheckpointError, FV.InputError) as e:
+    except (DataError, CheckpointError, FV.InputError, TrainingError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -411,11 +594,13 @@ def train(args, world, rank):
     out = Path(args.out)
     if args.resume and not (out / STATE).is_file():
         raise DataError(f"--resume: {out / STATE} not found; start without --resume")
-    records = load_records(args.data, args.images)
+    check_arguments(args)
+    clean_leftovers(out)
+    records, summary, counts = load_datasets(args.data, args.images, args.skip_missing_images)
     torch.manual_seed(args.seed)
 
     if args.resume:
-        state = torch.load(out / STATE, weights_only=True)
+        state = load_state(out / STATE)
         if state["stage"] != args.stage:
             raise DataError(f"--resume: {out} is a stage {state['stage']} run, not stage {args.stage}")
         model, tokenizer = model_from_state(state, out)
@@ -435,15 +620,17 @@ def train(args, world, rank):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     core = model
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # A micro-batch of text-only records leaves the vision tower unused, which DDP must be told.
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                          find_unused_parameters=counts["text-only"] > 0)
 
-    dataset = Dataset(records, args.images, tokenizer, core.image_size, args.max_length)
+    dataset = Dataset(records, None, tokenizer, core.image_size, args.max_length)
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
     per_step = args.batch_size * args.grad_accum            # samples per process per optimizer step
     steps_per_epoch = len(sampler) // per_step
     if steps_per_epoch == 0:
-        raise DataError(f"{args.data}: {len(records)} records are fewer than one global batch "
+        raise DataError(f"{' '.join(args.data)}: {len(records)} records are fewer than one global batch "
                         f"({per_step * world}); lower --batch-size or --grad-accum")
     total_steps = args.steps or max(1, int(args.epochs * steps_per_epoch))
     params = [p for p in core.parameters() if p.requires_grad]
@@ -458,7 +645,7 @@ def train(args, world, rank):
         torch.set_rng_state(state["rng"])
         step, prior_steps = state["step"], state.get("prior_steps", 0)
     elif args.init and args.init != "scratch" and (Path(args.init) / STATE).is_file():
-        prior = torch.load(Path(args.init) / STATE, weights_only=True)
+        prior = load_state(Path(args.init) / STATE)
         prior_steps = prior.get("prior_steps", 0) + prior["step"]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     pad_id = tokenizer.token_id("<|endoftext|>") or 0
@@ -475,6 +662,7 @@ def train(args, world, rank):
         if state is None and args.init not in (None, "scratch") and previous_log.is_file():
             shutil.copy(previous_log, out / "log.jsonl")   # one log (and loss curve) across the stages
         trainable = sum(p.numel() for p in params)
+        print(summary, file=sys.stderr)
         print(f"stage {args.stage}: training {trainable:,} of {sum(p.numel() for p in core.parameters()):,} "
               f"parameters, {total_steps} steps of {per_step * world} samples, lr {lr:g}, {world} process(es) "
               f"on {device.type}, encoder in {'training' if from_scratch else 'fused'} form, "
@@ -484,6 +672,16 @@ def train(args, world, rank):
             progress = tqdm(total=total_steps, initial=step, desc=f"stage {args.stage}", dynamic_ncols=True)
 
     stop_at = min(total_steps, args.stop_after) if args.stop_after else total_steps
+
+    def interrupted():
+        """Ctrl-C: save what the finished steps learnt (resumable), say where, exit 130."""
+        if step > 0:
+            checkpoint()
+            if rank == 0:
+                print(f"interrupted: step {step} is saved in {out}; continue with --resume", file=sys.stderr)
+        elif rank == 0:
+            print("interrupted before the first step; nothing was written", file=sys.stderr)
+        raise KeyboardInterrupt
 
     def make_state():
         return {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -499,39 +697,63 @@ def train(args, world, rank):
             dist.barrier()
 
     order, order_epoch, announced = None, None, False
-    while step < stop_at:
-        epoch, position = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:                      # this process's share of the epoch's permutation
-            sampler.set_epoch(epoch)
-            order, order_epoch = list(sampler), epoch
-        start = position * per_step
-        chunk = order[start:start + per_step]
-        batches = [collate([dataset[i] for i in chunk[j:j + args.batch_size]], pad_id)
-                   for j in range(0, per_step, args.batch_size)]
-        batches = [tuple(t.to(device) for t in b) for b in batches]
-        if not announced:
-            announce()
-            announced = True
-        t0 = time.perf_counter()
-        with autocast:
-            loss = step_loss(model, batches, args.loss_average, world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        step += 1
-        rate = per_step * world / (time.perf_counter() - t0)
-        if rank == 0:
-            lr_now = scheduler.get_last_lr()[0]
-            with open(out / "log.jsonl", "a") as log:   # reopened: a checkpoint swaps the folder
-                log.write(json.dumps({"stage": args.stage, "step": step, "global_step": prior_steps + step,
-                                      "epoch": epoch, "loss": loss, "lr": lr_now, "grad_norm": grad_norm,
-                                      "samples_per_s": rate}) + "\n")
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}", samples_s=f"{rate:.1f}")
-        if args.save_every and step % args.save_every == 0 and step < stop_at:
-            checkpoint()
+
+    def train_loop():
+        nonlocal step, order, order_epoch, announced
+        try:
+            while step < stop_at:
+                epoch, position = divmod(step, steps_per_epoch)
+                if epoch != order_epoch:                      # this process's share of the epoch's permutation
+                    sampler.set_epoch(epoch)
+                    order, order_epoch = list(sampler), epoch
+                start = position * per_step
+                chunk = order[start:start + per_step]
+                try:
+                    batches = [collate(load_items(dataset, chunk[j:j + args.batch_size], args.skip_missing_images, counts),
+                                       pad_id) for j in range(0, per_step, args.batch_size)]
+                except DataError as e:                  # an image that passed the check at the start but will not decode
+                    if step > 0:
+                        checkpoint()
+                    raise DataError(f"{e}; fix the image or pass --skip-missing-images, then rerun"
+                                    + (f" with --resume (step {step} is saved in {out})" if step > 0 else "")) from None
+                batches = [tuple(None if t is None else t.to(device) for t in b) for b in batches]
+                if not announced:
+                    announce()
+                    announced = True
+                t0 = time.perf_counter()
+                with autocast:
+                    loss = step_loss(model, batches, args.loss_average, world)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip).item()
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):   # nothing to learn from: keep what was good
+                    kept = f"the last checkpoint in {out} is from before it" if (out / STATE).is_file() else "no checkpoint was written"
+                    raise TrainingError(f"the loss or the gradient norm became non-finite at step {step + 1} (lr "
+                                        f"{scheduler.get_last_lr()[0]:g}); {kept}; lower --lr")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                rate = per_step * world / (time.perf_counter() - t0)
+                if rank == 0:
+                    lr_now = scheduler.get_last_lr()[0]
+                    with open(out / "log.jsonl", "a") as log:   # reopened: a checkpoint swaps the folder
+                        log.write(json.dumps({"stage": args.stage, "step": step, "global_step": prior_steps + step,
+                                              "epoch": epoch, "loss": loss, "lr": lr_now, "grad_norm": grad_norm,
+                                              "samples_per_s": rate}) + "\n")
+                    if progress is not None:
+                        progress.update(1)
+                        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}", samples_s=f"{rate:.1f}")
+                if args.save_every and step % args.save_every == 0 and step < stop_at:
+                    checkpoint()
+        except KeyboardInterrupt:
+            interrupted()
+
+    fresh = state is None and not out.exists()     # a run that fails before its first checkpoint leaves no folder
+    try:
+        train_loop()
+    except BaseException:
+        if fresh and rank == 0 and not (out / STATE).is_file():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     if progress is not None:
         progress.close()
     checkpoint()
@@ -539,6 +761,9 @@ def train(args, world, rank):
         if dataset.truncated:
             print(f"note: {dataset.truncated} samples were longer than --max-length {args.max_length} "
                   "and were truncated", file=sys.stderr)
+        if counts["images skipped"]:
+            print(f"note: {counts['images skipped']} records were left out: their image is missing or unreadable",
+                  file=sys.stderr)
         print(f"wrote {out} (step {step} of {total_steps})", file=sys.stderr)
     return 0
 

@@ -223,7 +223,7 @@ def test_bad_data_is_named(capsys, data, tmp_path):
     assert "record 1 (id 'x7')" in msg and "missing.png" in msg
     no_answer = [rec, {**rec, "id": "q", "conversations": [{"from": "human", "value": "<image>\nhi"}]}]
     assert "no assistant" in one_line_error(capsys, run(write_data(tmp_path, no_answer)))
-    assert "needs 'image'" in one_line_error(capsys, run(write_data(tmp_path, [{"id": 1}])))
+    assert "needs 'conversations'" in one_line_error(capsys, run(write_data(tmp_path, [{"id": 1}])))
     # a second <image> in a later turn used to be embedded silently as token 0
     turns = rec["conversations"][:2] + [{"from": "human", "value": "<image>\nAnd this one?"},
                                         {"from": "gpt", "value": "no"}]
