@@ -50,7 +50,7 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -267,19 +267,51 @@ class Dataset(torch.utils.data.Dataset):
         return pixels, torch.tensor(ids), torch.tensor(labels)
 
 
-def load_items(dataset, indices, skip, counts):
-    """dataset[i] for each index; with `skip`, a record whose image fails to decode is left out and counted."""
-    items = []
-    for i in indices:
-        try:
-            items.append(dataset[i])
-        except DataError:
-            if not skip:
-                raise
-            counts["images skipped"] += 1
-    if not items:
-        raise DataError("every record of a micro-batch had an image that failed to decode")
-    return items
+def size_at(step, total_steps, sizes):
+    """The image size of an optimizer step under `--image-sizes`: equal shares of the run, in order (stage
+    1.5 "at increasing resolutions": 512, 768, 1024 gives the first third of the steps at 512 px)."""
+    return sizes[min(len(sizes) - 1, step * len(sizes) // max(1, total_steps))]
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """The micro-batches of optimizer steps `first` to `last` - 1, in training order: item k is this
+    process's micro-batch k, collated, at the image size of its step. A DataLoader's workers build them
+    ahead of the training loop; everything about an item follows from its step, so a resumed run sees
+    the same samples in the same order, with any number of workers.
+
+    A record whose image fails to decode is left out and counted with `skip`; otherwise the item carries
+    the error for the loop to report (an exception raised in a worker would arrive with its traceback)."""
+
+    def __init__(self, dataset, sampler, plan, first, last, pad_id, skip):
+        self.dataset, self.sampler, self.plan, self.pad_id, self.skip = dataset, sampler, plan, pad_id, skip
+        self.first, self.last = first, last
+        self.orders = {}
+
+    def __len__(self):
+        return (self.last - self.first) * self.plan["grad_accum"]
+
+    def __getitem__(self, k):
+        plan = self.plan
+        step, j = divmod(k, plan["grad_accum"])
+        step += self.first
+        epoch, position = divmod(step, plan["steps_per_epoch"])
+        if epoch not in self.orders:                     # this process's share of the epoch's permutation
+            self.sampler.set_epoch(epoch)
+            self.orders = {epoch: list(self.sampler)}
+        start = position * plan["per_step"] + j * plan["batch_size"]
+        self.dataset.image_size = size_at(step, plan["total_steps"], plan["image_sizes"])
+        truncated, items, skipped = self.dataset.truncated, [], 0
+        for i in self.orders[epoch][start:start + plan["batch_size"]]:
+            try:
+                items.append(self.dataset[i])
+            except DataError as e:
+                if not self.skip:
+                    return {"error": str(e)}
+                skipped += 1
+        if not items:
+            return {"error": "every record of a micro-batch had an image that failed to decode"}
+        return {"batch": collate(items, self.pad_id), "skipped": skipped,
+                "truncated": self.dataset.truncated - truncated, "image_size": self.dataset.image_size}
 
 
 def collate(items, pad_id):
@@ -369,11 +401,24 @@ def load_state(path):
                         "checkpoint beside it with --init (without --resume), or from an earlier run") from None
 
 
+def parse_sizes(text, vision_cfg):
+    """`--image-sizes 512,768,1024` -> [512, 768, 1024], each a positive multiple of the encoder's stride."""
+    try:
+        sizes = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise DataError(f"--image-sizes {text!r}: give sizes in pixels separated by commas, e.g. 512,768,1024") from None
+    bad = [n for n in sizes if n <= 0 or n % vision_cfg.stride]
+    if bad:
+        raise DataError(f"--image-sizes: {bad[0]} is not a positive multiple of the encoder's stride {vision_cfg.stride}")
+    return sizes
+
+
 def check_arguments(args):
     """Options that cannot work, before anything is loaded or written."""
     for name, value, low in (("--batch-size", args.batch_size, 1), ("--grad-accum", args.grad_accum, 1),
                              ("--max-length", args.max_length, 32), ("--steps", args.steps, 1),
-                             ("--save-every", args.save_every, 0), ("--stop-after", args.stop_after, 1)):
+                             ("--save-every", args.save_every, 0), ("--stop-after", args.stop_after, 1),
+                             ("--workers", args.workers, 0), ("--eval-every", args.eval_every, 0)):
         if value is not None and value < low:
             raise DataError(f"{name} must be at least {low}" + (" (the prompt template alone takes about 25 tokens)"
                                                                  if name == "--max-length" else ""))
@@ -442,6 +487,22 @@ def save_checkpoint(out, model, tokenizer, config, state):
 # Training.
 # ----------------------------------------------------------------------------------------------------
 
+def use_grad_checkpoint(model, bn_train):
+    """Activation checkpointing: keep only each block's input and recompute its activations during the
+    backward pass (about one more forward of compute for much less activation memory). Every LLM layer,
+    and every encoder stage unless the encoder's BatchNorms learn batch statistics (from scratch): a
+    recomputation would update their running statistics a second time, so those stages keep their
+    activations and the statistics stay exactly those of a run without checkpointing."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = list(model.llm.layers) + ([] if bn_train else list(model.vision_tower.stages))
+    for block in blocks:   # an instance attribute shadows the class's forward; names and weights unchanged
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    return len(blocks)
+
+
 def cosine_with_warmup(step, total, warmup):
     if step < warmup:
         return (step + 1) / warmup
@@ -498,6 +559,46 @@ def step_loss(model, batches, average, world):
     return (reported / total).item()
 
 
+def short_answer(turns):
+    """(question, answer) of a conversation's first exchange when the answer is at most 8 words, else
+    None: those are scored by exact match (longer answers have many right wordings; later turns would
+    need the earlier reference answers in the prompt)."""
+    if len(turns[1]["value"].split()) <= 8:
+        return turns[0]["value"].replace(FV.IMAGE, "").strip(), turns[1]["value"].strip()
+    return None
+
+
+@torch.no_grad()
+def evaluate(core, tokenizer, records, image_size, max_length, batch_size, device):
+    """Loss per answer token on held-out records (the training loss, in eval mode, no update) and the
+    exact-match rate of greedy answers to their first questions, where the answer is short (None when
+    no record has one)."""
+    modes = [m.training for m in core.modules()]
+    core.eval()
+    try:
+        dataset = Dataset(records, None, tokenizer, image_size, max_length)
+        total, tokens = 0.0, 0
+        for start in range(0, len(dataset), batch_size):
+            pixels, ids, labels = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], 0)
+            logits, spread = core(None if pixels is None else pixels.to(device), ids.to(device), labels.to(device))
+            total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), spread[:, 1:].flatten(),
+                                     ignore_index=-100, reduction="sum").item()
+            tokens += (spread[:, 1:] != -100).sum().item()
+        right = asked = 0
+        for r in records:
+            qa = short_answer(r["conversations"])
+            if qa is None or r["image"] is None:
+                continue
+            chat = FV.Chat(core, tokenizer, FV.load_image(r["folder"] / r["image"]))
+            right += chat.ask(qa[0], max_new_tokens=24).lower() == qa[1].lower()
+            asked += 1
+        core.llm.drop_cache()                       # the cache is inference's; training runs without one
+    finally:
+        for m, mode in zip(core.modules(), modes):
+            m.training = mode
+    return total / max(1, tokens), (right / asked if asked else None), asked
+
+
 def plot_losses(log_path, png_path=None):
     """The training loss of every stage in `log_path` against the step, as a matplotlib Figure (saved to
     `png_path` if given). Object-oriented matplotlib, no pyplot: it never switches the backend of the
@@ -511,11 +612,15 @@ def plot_losses(log_path, png_path=None):
     fig = Figure(figsize=(6, 3.2))
     ax = fig.subplots()
     for stage in sorted({r["stage"] for r in rows}):
-        pts = [(r["global_step"], r["loss"]) for r in rows if r["stage"] == stage]
-        ax.plot(*zip(*pts), label=f"stage {stage}", lw=1)
+        pts = [(r["global_step"], r["loss"]) for r in rows if r["stage"] == stage and "loss" in r]
+        if pts:
+            ax.plot(*zip(*pts), label=f"stage {stage}", lw=1)
+    held_out = [(r["global_step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if held_out:
+        ax.plot(*zip(*held_out), "o-", ms=3, lw=1, color="black", label="held-out (--eval-data)")
     ax.set_title("FastVLM training loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (cross-entropy, nats)")
+    ax.set_ylabel("loss (cross-entropy per answer token, nats)")
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -532,6 +637,16 @@ def parse_args(argv):
                    "one file or several (datasets mixed)")
     p.add_argument("--images", required=True, nargs="+", help="folder the records' image paths are relative to: "
                    "one for all data files, or one per file in the same order")
+    p.add_argument("--eval-data", nargs="+", help="held-out LLaVA data, evaluated every --eval-every steps and "
+                   "at the end: loss, and exact match of short answers")
+    p.add_argument("--eval-images", help="folder of the held-out images (default: the first --images)")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute activations in the backward pass (LLM layers, encoder stages): less memory")
+    p.add_argument("--image-sizes", help="comma-separated image sizes for equal shares of the run, rising: "
+                   "512,768,1024 trains the first third of the steps at 512 px (default: the model's size)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes that decode and preprocess "
+                   "ahead of the training loop (0: in the loop)")
     p.add_argument("--skip-missing-images", action="store_true",
                    help="leave out (and count) records whose image is missing or unreadable, instead of stopping")
     p.add_argument("--out", required=True, help="output folder (a FastVLM checkpoint + training state)")
@@ -595,8 +710,11 @@ def train(args, world, rank):
     if args.resume and not (out / STATE).is_file():
         raise DataError(f"--resume: {out / STATE} not found; start without --resume")
     check_arguments(args)
+    if args.workers:            # the tokenizer's own threads and forked workers do not mix (it would warn)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     clean_leftovers(out)
     records, summary, counts = load_datasets(args.data, args.images, args.skip_missing_images)
+    held_out = load_datasets(args.eval_data, [args.eval_images or args.images[0]])[0] if args.eval_data else None
     torch.manual_seed(args.seed)
 
     if args.resume:
@@ -616,6 +734,8 @@ def train(args, world, rank):
     bn_train = {"auto": from_scratch, "train": True, "eval": False}[args.bn]
     bn_train = bn_train and "vision_tower" in STAGES[args.stage][0]          # a frozen encoder runs in eval
     set_trainable(model, args.stage, bn_train)
+    if args.grad_checkpoint:
+        use_grad_checkpoint(model, bn_train)
     if world > 1 and bn_train and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     core = model
@@ -633,6 +753,8 @@ def train(args, world, rank):
         raise DataError(f"{' '.join(args.data)}: {len(records)} records are fewer than one global batch "
                         f"({per_step * world}); lower --batch-size or --grad-accum")
     total_steps = args.steps or max(1, int(args.epochs * steps_per_epoch))
+    image_sizes = parse_sizes(args.image_sizes, core.vision_tower.cfg) if args.image_sizes else (
+        state.get("image_sizes") if state is not None and state.get("image_sizes") else [core.image_size])
     params = [p for p in core.parameters() if p.requires_grad]
     lr = args.lr if args.lr is not None else STAGES[args.stage][1]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
@@ -687,36 +809,60 @@ def train(args, world, rank):
         return {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(), "step": step, "prior_steps": prior_steps, "stage": args.stage,
                 "fused": not from_scratch,        # training form from scratch, official (fused) form otherwise
-                "vision_cfg": asdict(core.vision_tower.cfg), "llm_cfg": asdict(core.llm.cfg), "seed": args.seed}
+                "vision_cfg": asdict(core.vision_tower.cfg), "llm_cfg": asdict(core.llm.cfg), "seed": args.seed,
+                "image_sizes": image_sizes}
+
+    def run_eval():
+        """Held-out loss and exact match, logged beside the training loss (rank 0; the others wait)."""
+        if rank == 0:
+            core.vision_tower.cfg = replace(core.vision_tower.cfg, image_size=image_size[0])
+            loss, exact, asked = evaluate(core, tokenizer, held_out, image_size[0], args.max_length,
+                                          args.batch_size, device)
+            row = {"stage": args.stage, "step": step, "global_step": prior_steps + step, "eval_loss": loss,
+                   "eval_exact": exact, "eval_asked": asked}
+            with open(out / "log.jsonl", "a") as log:
+                log.write(json.dumps(row) + "\n")
+            shown = "" if exact is None else f", exact match {exact:.1%} of {asked} short answers"
+            (progress.write if progress is not None else lambda m: print(m, file=sys.stderr))(
+                f"step {step}: held-out loss {loss:.4f}{shown}")
+        if world > 1:
+            dist.barrier()
 
     def checkpoint():
+        # the size trained at last is the checkpoint's size (its config's `mobileclip_l_<size>`)
+        core.vision_tower.cfg = replace(core.vision_tower.cfg, image_size=image_size[0])
         if rank == 0:
             save_checkpoint(out, core, tokenizer, config_dict(core, base_config), make_state())
             plot_losses(out / "log.jsonl", out / "loss.png") if (out / "log.jsonl").is_file() else None
         if world > 1:
             dist.barrier()
 
-    order, order_epoch, announced = None, None, False
+    announced, truncated = False, [0]
+    plan = {"grad_accum": args.grad_accum, "batch_size": args.batch_size, "per_step": per_step,
+            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "image_sizes": image_sizes}
+    image_size = [size_at(step, total_steps, image_sizes)]
 
     def train_loop():
-        nonlocal step, order, order_epoch, announced
+        nonlocal step, announced
+        loader = torch.utils.data.DataLoader(
+            StepBatches(dataset, sampler, plan, step, stop_at, pad_id, args.skip_missing_images), batch_size=None,
+            num_workers=args.workers, pin_memory=device.type == "cuda", prefetch_factor=4 if args.workers else None)
+        batches_ahead = iter(loader)
         try:
             while step < stop_at:
-                epoch, position = divmod(step, steps_per_epoch)
-                if epoch != order_epoch:                      # this process's share of the epoch's permutation
-                    sampler.set_epoch(epoch)
-                    order, order_epoch = list(sampler), epoch
-                start = position * per_step
-                chunk = order[start:start + per_step]
-                try:
-                    batches = [collate(load_items(dataset, chunk[j:j + args.batch_size], args.skip_missing_images, counts),
-                                       pad_id) for j in range(0, per_step, args.batch_size)]
-                except DataError as e:                  # an image that passed the check at the start but will not decode
+                t_data = time.perf_counter()
+                micro = [next(batches_ahead) for _ in range(args.grad_accum)]
+                failed = next((m["error"] for m in micro if "error" in m), None)
+                if failed:                  # an image that passed the check at the start but will not decode
                     if step > 0:
                         checkpoint()
-                    raise DataError(f"{e}; fix the image or pass --skip-missing-images, then rerun"
-                                    + (f" with --resume (step {step} is saved in {out})" if step > 0 else "")) from None
-                batches = [tuple(None if t is None else t.to(device) for t in b) for b in batches]
+                    raise DataError(f"{failed}; fix the image or pass --skip-missing-images, then rerun"
+                                    + (f" with --resume (step {step} is saved in {out})" if step > 0 else ""))
+                counts["images skipped"] += sum(m["skipped"] for m in micro)
+                truncated[0] += sum(m["truncated"] for m in micro)
+                image_size[0] = micro[0]["image_size"]
+                batches = [m["batch"] for m in micro]
+                batches = [tuple(None if t is None else t.to(device, non_blocking=True) for t in b) for b in batches]
                 if not announced:
                     announce()
                     announced = True
@@ -732,16 +878,21 @@ def train(args, world, rank):
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 step += 1
-                rate = per_step * world / (time.perf_counter() - t0)
+                compute_s = time.perf_counter() - t0
+                rate = per_step * world / (time.perf_counter() - t_data)     # data time included
                 if rank == 0:
                     lr_now = scheduler.get_last_lr()[0]
                     with open(out / "log.jsonl", "a") as log:   # reopened: a checkpoint swaps the folder
                         log.write(json.dumps({"stage": args.stage, "step": step, "global_step": prior_steps + step,
-                                              "epoch": epoch, "loss": loss, "lr": lr_now, "grad_norm": grad_norm,
-                                              "samples_per_s": rate}) + "\n")
+                                              "epoch": (step - 1) // steps_per_epoch, "loss": loss, "lr": lr_now,
+                                              "grad_norm": grad_norm, "samples_per_s": rate,
+                                              "data_s": t0 - t_data, "compute_s": compute_s,
+                                              "image_size": image_size[0]}) + "\n")
                     if progress is not None:
                         progress.update(1)
                         progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}", samples_s=f"{rate:.1f}")
+                if held_out and args.eval_every and step % args.eval_every == 0 and step < total_steps:
+                    run_eval()
                 if args.save_every and step % args.save_every == 0 and step < stop_at:
                     checkpoint()
         except KeyboardInterrupt:
@@ -756,10 +907,12 @@ def train(args, world, rank):
         raise
     if progress is not None:
         progress.close()
+    if held_out and step == total_steps:
+        run_eval()
     checkpoint()
     if rank == 0:
-        if dataset.truncated:
-            print(f"note: {dataset.truncated} samples were longer than --max-length {args.max_length} "
+        if truncated[0]:
+            print(f"note: {truncated[0]} samples were longer than --max-length {args.max_length} "
                   "and were truncated", file=sys.stderr)
         if counts["images skipped"]:
             print(f"note: {counts['images skipped']} records were left out: their image is missing or unreadable",

@@ -199,3 +199,90 @@ def test_ctrl_c_saves_a_resumable_step(capsys, data, tmp_path, monkeypatch):
     monkeypatch.setattr(T, "step_loss", real)
     assert torch.load(out / T.STATE, weights_only=True)["step"] == 2
     assert run(data, out, [data / "train.json"], "--steps", "5", "--resume") == 0
+
+
+# --- the input pipeline and stage 1.5's rising resolution -------------------------------------------------
+
+def log_rows(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_workers_give_the_same_losses_and_resume_exactly(data, tmp_path):
+    """Decoding in 2 DataLoader workers trains on exactly what decoding in the loop does, and a run
+    stopped at step 2 and resumed with workers equals the uninterrupted one."""
+    base = ["--steps", "4", "--seed", "2", "--lr", "1e-3"]
+    assert run(data, tmp_path / "w0", [data / "train.json"], *base, "--workers", "0") == 0
+    assert run(data, tmp_path / "w2", [data / "train.json"], *base, "--workers", "2") == 0
+    assert run(data, tmp_path / "r", [data / "train.json"], *base, "--workers", "2", "--stop-after", "2") == 0
+    assert run(data, tmp_path / "r", [data / "train.json"], *base, "--workers", "2", "--resume") == 0
+    losses = [[r["loss"] for r in log_rows(tmp_path / name)] for name in ("w0", "w2", "r")]
+    assert losses[0] == losses[1] == losses[2] and len(losses[0]) == 4
+    assert all(r["samples_per_s"] > 0 and r["data_s"] >= 0 for r in log_rows(tmp_path / "w2"))
+
+
+def test_rising_image_sizes(data, tmp_path, monkeypatch):
+    """--image-sizes 128,192,256 over 6 steps: steps 1-2 at 128 px (4 image tokens), 3-4 at 192 (9),
+    5-6 at 256 (16); a checkpoint saved mid-schedule records its size, and the resumed run continues
+    the schedule where it stopped."""
+    assert [T.size_at(s, 6, [128, 192, 256]) for s in range(6)] == [128, 128, 192, 192, 256, 256]
+    tokens = []
+    real = FV.FastVLM.encode_image
+
+    def counting(self, pixels, timing=None):
+        out = real(self, pixels, timing)
+        tokens.append((pixels.shape[-1], out.shape[1]))
+        return out
+
+    monkeypatch.setattr(FV.FastVLM, "encode_image", counting)
+    out = tmp_path / "o"
+    sizes = ["--image-sizes", "128,192,256", "--steps", "6", "--batch-size", "2"]
+    assert run(data, out, [data / "train.json"], *sizes, "--stop-after", "3") == 0
+    assert json.loads((out / "config.json").read_text())["fastvithd"]["image_size"] == 192
+    assert run(data, out, [data / "train.json"], "--steps", "6", "--resume") == 0   # the schedule is in the state
+    assert [r["image_size"] for r in log_rows(out)] == [128, 128, 192, 192, 256, 256]
+    assert sorted(set(tokens)) == [(128, 4), (192, 9), (256, 16)]
+    assert json.loads((out / "config.json").read_text())["fastvithd"]["image_size"] == 256
+
+
+def test_bad_image_sizes(capsys, data, tmp_path):
+    msg = last_error(capsys, run(data, tmp_path / "o", [data / "train.json"], "--image-sizes", "128,100"))
+    assert "100 is not a positive multiple of the encoder's stride 64" in msg
+
+
+def test_held_out_evaluation(capsys, data, tmp_path):
+    """--eval-data: the held-out loss and the exact match of short answers, every N steps and at the end,
+    in the log beside the training loss and in the plot; the model trains on as if it had not happened."""
+    base = ["--steps", "4", "--seed", "4", "--lr", "1e-3"]
+    assert run(data, tmp_path / "plain", [data / "train.json"], *base) == 0
+    assert run(data, tmp_path / "o", [data / "train.json"], *base, "--eval-data", data / "heldout.json",
+               "--eval-every", "2") == 0
+    rows = log_rows(tmp_path / "o")
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(r["eval_loss"] > 0 and 0 <= r["eval_exact"] <= 1 and r["eval_asked"] >= 1 for r in evals)
+    assert [r["loss"] for r in rows if "loss" in r] == [r["loss"] for r in log_rows(tmp_path / "plain")]
+    assert "held-out loss" in capsys.readouterr().err
+    assert (tmp_path / "o" / "loss.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("bn_train", [False, True])
+def test_grad_checkpoint_gives_the_same_loss_and_gradients(data, bn_train):
+    """With activation checkpointing the loss, every gradient and the BatchNorm running statistics are
+    those without (the encoder stages are left alone while BatchNorm learns batch statistics)."""
+    records = T.load_records(data / "train.json", data / "images")
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model, tokenizer = T.build_scratch(records)
+        T.set_trainable(model, "2", bn_train)
+        if checkpointing:
+            assert T.use_grad_checkpoint(model, bn_train) == 4 + (0 if bn_train else 5)
+        ds = T.Dataset(records, None, tokenizer, 256, 2048)
+        loss = T.step_loss(model, [T.collate([ds[0], ds[1]], 0)], "token", 1)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        stats = {n: b.clone() for n, b in model.named_buffers() if "running" in n}
+        results.append((loss, grads, stats))
+    (l0, g0, s0), (l1, g1, s1) = results
+    assert l0 == l1 and g0.keys() == g1.keys() and len(g0) > 50
+    assert all(torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-7) for n in g0)
+    assert s0.keys() == s1.keys() and all(torch.equal(s0[n], s1[n]) for n in s0)
