@@ -523,6 +523,43 @@ def set_trainable(model, stage, bn_train):
                 m.eval()
 
 
+@contextlib.contextmanager
+def gradient_sync(model, hold):
+    """Hold back the gradient all-reduce (DDP) or reduce-scatter (FSDP) while micro-batches accumulate."""
+    if not hold:
+        yield
+    elif hasattr(model, "set_requires_gradient_sync"):                  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        with model.no_sync():
+            yield
+
+
+def shard(model):
+    """FSDP2: each LLM layer, each encoder stage and then the rest become units whose parameters,
+    gradients and optimizer state live sharded across the processes; a unit's full parameters are
+    gathered just for its forward and backward. Names and values of the state dict are unchanged."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in list(model.llm.layers) + list(model.vision_tower.stages):
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def full_state(model, optimizer):
+    """Every process's shards gathered into the full model and optimizer state, on rank 0's CPU (all
+    processes must call it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
 def step_loss(model, batches, average, world):
     """Run forward/backward over the micro-batches of one optimizer step; returns the mean loss.
 
@@ -541,8 +578,7 @@ def step_loss(model, batches, average, world):
     loss_value = 0.0
     for i, (pixels, ids, labels) in enumerate(batches):
         sync = i == len(batches) - 1
-        ctx = model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
-        with ctx:
+        with gradient_sync(model, world > 1 and not sync):
             logits, spread = model(pixels, ids, labels)
             ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), spread[:, 1:].flatten(),
                                  ignore_index=-100, reduction="none").view(spread.shape[0], -1)
@@ -641,6 +677,8 @@ def parse_args(argv):
                    "at the end: loss, and exact match of short answers")
     p.add_argument("--eval-images", help="folder of the held-out images (default: the first --images)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer "
+                   "state across the processes (PyTorch FSDP2) instead of a full copy on each (DDP)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute activations in the backward pass (LLM layers, encoder stages): less memory")
     p.add_argument("--image-sizes", help="comma-separated image sizes for equal shares of the run, rising: "
@@ -710,6 +748,10 @@ def train(args, world, rank):
     if args.resume and not (out / STATE).is_file():
         raise DataError(f"--resume: {out / STATE} not found; start without --resume")
     check_arguments(args)
+    if args.fsdp and world < 2:
+        raise DataError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N (N >= 2)")
+    if args.fsdp and args.eval_data:
+        raise DataError("--eval-data is not supported with --fsdp yet; evaluate the checkpoint afterwards")
     if args.workers:            # the tokenizer's own threads and forked workers do not mix (it would warn)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     clean_leftovers(out)
@@ -739,7 +781,9 @@ def train(args, world, rank):
     if world > 1 and bn_train and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     core = model
-    if world > 1:
+    if world > 1 and args.fsdp:
+        model = core = shard(core)
+    elif world > 1:
         # A micro-batch of text-only records leaves the vision tower unused, which DDP must be told.
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                           find_unused_parameters=counts["text-only"] > 0)
@@ -762,7 +806,15 @@ def train(args, world, rank):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total_steps, warmup))
     step, prior_steps = 0, 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if state.get("optimizer_format", "plain") != ("fsdp" if args.fsdp else "plain"):
+            raise DataError(f"--resume: {out} was trained {'with' if not args.fsdp else 'without'} --fsdp; resume it "
+                            "the same way, or start a new run from it with --init")
+        if args.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(core, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         step, prior_steps = state["step"], state.get("prior_steps", 0)
@@ -805,8 +857,9 @@ def train(args, world, rank):
             print("interrupted before the first step; nothing was written", file=sys.stderr)
         raise KeyboardInterrupt
 
-    def make_state():
-        return {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    def make_state(model_state=None, optimizer_state=None):
+        return {"model": model_state or core.state_dict(), "optimizer": optimizer_state or optimizer.state_dict(),
+                "optimizer_format": "fsdp" if args.fsdp else "plain", "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(), "step": step, "prior_steps": prior_steps, "stage": args.stage,
                 "fused": not from_scratch,        # training form from scratch, official (fused) form otherwise
                 "vision_cfg": asdict(core.vision_tower.cfg), "llm_cfg": asdict(core.llm.cfg), "seed": args.seed,
@@ -831,8 +884,18 @@ def train(args, world, rank):
     def checkpoint():
         # the size trained at last is the checkpoint's size (its config's `mobileclip_l_<size>`)
         core.vision_tower.cfg = replace(core.vision_tower.cfg, image_size=image_size[0])
+        if args.fsdp:   # gather the shards; rank 0 writes them from a plain model, as without FSDP
+            model_state, optimizer_state = full_state(core, optimizer)
         if rank == 0:
-            save_checkpoint(out, core, tokenizer, config_dict(core, base_config), make_state())
+            if args.fsdp:
+                with torch.device("meta"):
+                    plain = FV.FastVLM(core.vision_tower.cfg, core.llm.cfg, fused=not from_scratch)
+                plain = FV.allocate(plain)
+                plain.load_state_dict(model_state)
+                save_checkpoint(out, plain, tokenizer, config_dict(plain, base_config),
+                                make_state(model_state, optimizer_state))
+            else:
+                save_checkpoint(out, core, tokenizer, config_dict(core, base_config), make_state())
             plot_losses(out / "log.jsonl", out / "loss.png") if (out / "log.jsonl").is_file() else None
         if world > 1:
             dist.barrier()
@@ -869,7 +932,8 @@ def train(args, world, rank):
                 t0 = time.perf_counter()
                 with autocast:
                     loss = step_loss(model, batches, args.loss_average, world)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip).item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+                grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):   # nothing to learn from: keep what was good
                     kept = f"the last checkpoint in {out} is from before it" if (out / STATE).is_file() else "no checkpoint was written"
                     raise TrainingError(f"the loss or the gradient norm became non-finite at step {step + 1} (lr "

@@ -113,8 +113,10 @@ def test_resume_continues_exactly(data, base_run, tmp_path):
     assert logged == [1, 2, 3, 4, 5]          # the base run's step, then this run's four, once each
 
 
-def test_ddp_two_processes_equal_one_process(data, base_run, tmp_path):
-    """Two gloo processes x batch 2 end exactly where one process x batch 4 ends."""
+@pytest.mark.parametrize("how", ["ddp", "fsdp"])
+def test_ddp_two_processes_equal_one_process(data, base_run, tmp_path, how):
+    """Two gloo processes x batch 2 end exactly where one process x batch 4 ends, with the model
+    replicated (DDP) or sharded (FSDP2, --fsdp: its checkpoint gathered into the official layout)."""
     common = ["--stage", "2", "--init", str(base_run), "--steps", "3", "--lr", "1e-3", "--bn", "eval",
               "--data", str(data / "train.json"), "--images", str(data / "images"), "--no-progress", "--threads", "1"]
     single = tmp_path / "single"
@@ -124,7 +126,8 @@ def test_ddp_two_processes_equal_one_process(data, base_run, tmp_path):
     # take the port between choosing and binding it (a socket bound, closed and its port passed on could)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "train.py"),
-                           *common, "--out", str(tmp_path / "ddp"), "--batch-size", "2"],
+                           *common, "--out", str(tmp_path / "ddp"), "--batch-size", "2",
+                           *(["--fsdp"] if how == "fsdp" else [])],
                           capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b, start = state(single)["model"], state(tmp_path / "ddp")["model"], state(base_run)["model"]

@@ -286,3 +286,12 @@ def test_grad_checkpoint_gives_the_same_loss_and_gradients(data, bn_train):
     assert l0 == l1 and g0.keys() == g1.keys() and len(g0) > 50
     assert all(torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-7) for n in g0)
     assert s0.keys() == s1.keys() and all(torch.equal(s0[n], s1[n]) for n in s0)
+
+
+def test_unwritable_out(capsys, data, tmp_path, monkeypatch):
+    """(Checked with os.access, which a root user always passes: simulated here.)"""
+    import os
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    msg = last_error(capsys, run(data, tmp_path / "o", [data / "train.json"]))
+    assert "is not writable" in msg

@@ -180,6 +180,22 @@ MUTANTS = [
     Mutant("stream_drops_partial_character", "infer.py", "        if answer.startswith(self.shown):\n",
            "        if False:\n", ("tests/test_infer.py::test_streamed_answer_ends_with_the_api_answer",),
            "stdout loses the end of the answer (a character cut by the token limit)"),
+    # --- training at scale -----------------------------------------------------------------------------------
+    Mutant("nan_loss_unchecked", "train.py", "                if not (math.isfinite(loss) and math.isfinite(grad_norm)):",
+           "                if False:", ("tests/test_train_data.py::test_diverging_run_stops_and_keeps_nothing_bad",),
+           "a diverged run writes a NaN checkpoint and exits 0"),
+    Mutant("leading_turn_kept", "train.py", "        turns = turns[1:]\n", "        pass\n",
+           ("tests/test_train_data.py::test_llava_data_as_published",),
+           "a conversation opening with an assistant turn is refused instead of trained on"),
+    Mutant("checkpointed_batchnorm_stages", "train.py",
+           "    blocks = list(model.llm.layers) + ([] if bn_train else list(model.vision_tower.stages))",
+           "    blocks = list(model.llm.layers) + list(model.vision_tower.stages)",
+           ("tests/test_train_data.py::test_grad_checkpoint_gives_the_same_loss_and_gradients",),
+           "recomputation updates BatchNorm running statistics twice"),
+    Mutant("size_schedule_off_by_one", "train.py",
+           "    return sizes[min(len(sizes) - 1, step * len(sizes) // max(1, total_steps))]",
+           "    return sizes[min(len(sizes) - 1, (step + 1) * len(sizes) // max(1, total_steps))]",
+           ("tests/test_train_data.py::test_rising_image_sizes",), "each resolution starts a step early"),
 ]
 
 
