@@ -27,8 +27,10 @@ def safetensors_files(folder):
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map must map tensor names to file names")
+        except (ValueError, KeyError, TypeError, RecursionError) as e:   # JSON and UTF-8 errors are ValueErrors
             raise CheckpointError(f"{index} is not a valid safetensors index ({e}); re-download it") from None
         files = [folder / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
@@ -110,6 +112,10 @@ def load_exact(module, tensors, where="checkpoint", file_names=None):
                 raise CheckpointError(f"{part(name)}: unexpected tensor {shown} (shape {tuple(value.shape)}): "
                                       "the checkpoint does not match this model's config")
             target = own[name]
+            if target.is_floating_point() != value.is_floating_point() or value.is_complex():
+                raise CheckpointError(f"{part(name)}: {shown} is stored as {str(value.dtype).removeprefix('torch.')} "
+                                      f"but the model holds {str(target.dtype).removeprefix('torch.')} there: "
+                                      "the file is damaged or not for this model")
             if tuple(target.shape) != tuple(value.shape):
                 raise CheckpointError(f"{part(name)}: {shown} has shape {tuple(value.shape)} but the config "
                                       f"gives {tuple(target.shape)}: config.json and the weights disagree")

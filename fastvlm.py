@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -70,17 +71,26 @@ def load_image(path):
     can arrive sideways). 16-bit images are scaled to 8 bits (PIL's own conversion would clip them), and
     floating-point ones in [0, 1] from that range (PIL's would make them black).
     """
+    if not str(path):
+        raise InputError("the image path is empty; pass an image file")
     path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path} is a folder, not an image; pass an image file (use --batch for many)")
-    if path.exists() and not path.is_file():
-        raise InputError(f"{path} is not a regular file (a pipe, a device or a socket); save the image to a file")
-    if not path.is_file():
-        raise InputError(f"image not found: {path}")
     try:
-        with Image.open(path) as img:
-            img.load()                                   # decode now, so a truncated file fails here
-            img = ImageOps.exif_transpose(img)
+        if path.is_dir():
+            raise InputError(f"{path} is a folder, not an image; pass an image file (use --batch for many)")
+        if path.exists() and not path.is_file():
+            raise InputError(f"{path} is not a regular file (a pipe, a device or a socket); save the image to a file")
+        if not path.is_file():
+            raise InputError(f"image not found: {path}")
+    except OSError as e:                                 # a folder on the way that cannot be entered
+        raise InputError(f"cannot reach {path} ({e.strerror}); check its folder's permissions") from None
+    try:
+        with warnings.catch_warnings():                 # large but allowed: PIL would warn on stderr
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()                               # decode now, so a truncated file fails here
+                img = ImageOps.exif_transpose(img)
+    except PermissionError:
+        raise InputError(f"{path} is not readable (permission denied); check the file's permissions") from None
     except Image.DecompressionBombError as e:
         raise InputError(f"{path} is too large to decode safely ({e}); resize it first") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -265,6 +275,9 @@ class FastVLM(nn.Module):
         folder = resolve_model(folder)
         layout, vision_cfg, llm_cfg, config = model_config(folder)
         tokenizer = load_tokenizer(folder)
+        if len(tokenizer) > llm_cfg.vocab_size:
+            raise CheckpointError(f"{folder}: the tokenizer has {len(tokenizer):,} tokens but the model's embedding "
+                                  f"{llm_cfg.vocab_size:,} rows: they are not from the same model")
         names = safetensors_names(folder)
         if not any(name.startswith(layout.vision) for name in names):
             raise CheckpointError(not_fastvlm_tensors(folder, names, layout))
@@ -309,11 +322,17 @@ def resolve_model(name):
     `ORG/NAME` looked up in the local Hugging Face cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else
     ~/.cache/huggingface/hub), downloaded with huggingface_hub (if installed) when it is not cached and
     the hub is not offline (`HF_HUB_OFFLINE`)."""
+    if not str(name):
+        raise CheckpointError("the model name is empty; pass a model folder or a Hugging Face repo id")
     path = Path(name)
-    if path.is_dir():
-        return path
-    if path.exists():
-        what = "a file" if path.is_file() else "not a folder (a pipe, a device or a socket)"
+    try:
+        if path.is_dir():
+            return path
+        exists, is_file = path.exists(), path.is_file()
+    except OSError as e:
+        raise CheckpointError(f"cannot reach {path} ({e.strerror}); check its folder's permissions") from None
+    if exists:
+        what = "a file" if is_file else "not a folder (a pipe, a device or a socket)"
         raise CheckpointError(f"{path} is {what}, not a model folder; point at the folder that holds config.json")
     repo = str(name)
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo) or repo.startswith("."):
@@ -322,8 +341,11 @@ def resolve_model(name):
                                               else Path.home() / ".cache" / "huggingface" / "hub")
     cached = Path(hub) / ("models--" + repo.replace("/", "--"))
     ref = cached / "refs" / "main"
-    if ref.is_file() and (cached / "snapshots" / ref.read_text().strip()).is_dir():
-        return cached / "snapshots" / ref.read_text().strip()
+    try:
+        if ref.is_file() and (cached / "snapshots" / ref.read_text().strip()).is_dir():
+            return cached / "snapshots" / ref.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {repo} in the Hugging Face cache {hub} ({e}); check its permissions") from None
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     how = f"download it with `hf download {repo}` (pip install huggingface_hub)"
     try:
@@ -345,12 +367,14 @@ def resolve_model(name):
 def read_config(folder):
     """config.json of a model folder, the one place it is read."""
     path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{folder} has no config.json; point at a model folder")
     try:
+        if not path.is_file():
+            raise CheckpointError(f"{folder} has no config.json; point at a model folder")
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it") from None
+    except OSError as e:
+        raise CheckpointError(f"{path} is not readable ({e.strerror}); check its permissions") from None
+    except (ValueError, RecursionError) as e:          # JSON and UTF-8 errors are ValueErrors
+        raise CheckpointError(f"{path} is not valid JSON ({str(e)[:200]}); re-download it") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, not a model config; re-download it")
     return config
@@ -381,6 +405,9 @@ def model_config(folder):
         llm_cfg = qwen2.Qwen2Config.from_dict(text)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"config.json: {e}; the file is damaged or not for this model") from None
+    context = config.get("tokenizer_model_max_length", 8192)
+    if not isinstance(context, int) or isinstance(context, bool) or context < 1:
+        raise CheckpointError(f"config.json: tokenizer_model_max_length must be a positive integer, not {context!r}")
     return layout, vision_cfg, llm_cfg, config
 
 
@@ -719,8 +746,15 @@ def load_tokenizer(folder):
         raise
     except qwen2.TokenizerMismatch as e:
         raise CheckpointError(f"{folder}: {e}: not the Qwen2 tokenizer this model needs") from None
-    except Exception as e:  # json and the tokenizers library raise their own types for damaged files
-        raise CheckpointError(f"{folder}: the tokenizer files are not readable ({e}); re-download them") from None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # json and the tokenizers library raise their own types (a Rust panic too)
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(f"{folder}: the tokenizer files are not readable ({first}); re-download them") from None
+    missing = [t for t in ("<|im_start|>", "<|im_end|>") if tokenizer.token_id(t) is None]
+    if missing:
+        raise CheckpointError(f"{folder}: the tokenizer has no {missing[0]} token: not the Qwen2 chat tokenizer "
+                              "this model needs")
     tokenizer.source_folder = folder                    # save_tokenizer copies these files as they are
     return tokenizer
 

@@ -23,6 +23,7 @@ Problems with the input are reported in one line on stderr with a non-zero exit 
 import argparse
 import json
 import math
+import os
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -195,7 +196,8 @@ def load(args):
         raise UsageError(f"the embedded default model ({DEFAULT_MODEL}) is not in this checkout yet; "
                          "pass --model FOLDER with an official FastVLM checkpoint (see README)")
     torch.set_grad_enabled(False)
-    model, tokenizer, config = FastVLM.from_pretrained(args.model or DEFAULT_MODEL, device=device, dtype=dtype,
+    model, tokenizer, config = FastVLM.from_pretrained(DEFAULT_MODEL if args.model is None else args.model,
+                                                       device=device, dtype=dtype,
                                                        fast=not args.plain, progress=True)
     return model, tokenizer, config, device
 
@@ -250,8 +252,8 @@ def answer_record(id_, image, question, answer, chat=None, error=None):
 def read_batch(path):
     """The question file as a list of (line number, parsed object or an error string)."""
     try:
-        raw = path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")      # a byte-order mark some editors write
+    except OSError as e:
         raise UsageError(f"cannot read the question file {path} ({e.strerror})") from None
     out = []
     for number, line in enumerate(raw.split(b"\n"), 1):
@@ -259,31 +261,58 @@ def read_batch(path):
             continue
         try:
             item = json.loads(line.decode("utf-8"))
+            json.dumps(item, ensure_ascii=False).encode("utf-8")   # \ud800 escapes decode to unwritable text
             out.append((number, item if isinstance(item, dict) else "the line is not a JSON object"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            out.append((number, f"the line is not valid JSON ({e})"))
+        except UnicodeEncodeError:
+            out.append((number, "the line holds a lone surrogate escape (e.g. \\ud800), which is not text"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            out.append((number, f"the line is not valid JSON ({str(e)[:200]})"))
     if not out:
         raise UsageError(f"the question file {path} has no questions (one JSON object per line)")
     return out
 
 
+def check_out(out_path, batch_path):
+    """--out must be a regular file (or not exist yet) in a writable folder, and not the question file."""
+    if out_path is None:
+        return
+    try:
+        if out_path.exists() and not out_path.is_file():
+            raise UsageError(f"--out {out_path} is not a regular file; pass a file name")
+        if out_path.exists() and os.path.samefile(out_path, batch_path):
+            raise UsageError("--out is the question file itself; pass another file for the answers")
+        folder = out_path.parent if str(out_path.parent) else Path(".")
+        if not folder.is_dir():
+            raise UsageError(f"--out {out_path}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK) or (out_path.exists() and not os.access(out_path, os.W_OK)):
+            raise UsageError(f"--out {out_path} is not writable; pass another file")
+    except OSError as e:
+        raise UsageError(f"--out {out_path} cannot be used ({e.strerror})") from None
+
+
 def answered_ids(out_path):
-    """The ids already in an output file. A last line cut short by a killed process is removed first,
-    so that what follows is appended to whole lines only."""
+    """The ids already in an output file. A last line cut short by a killed process is removed, so that
+    what follows is appended to whole lines only; but only once every whole line is an answer and the
+    cut one starts as an answer does, so that a file of something else is never touched."""
     if out_path is None or not out_path.is_file():
         return set()
     data = out_path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[:data.rfind(b"\n") + 1]
-        with open(out_path, "r+b") as f:
-            f.truncate(len(data))
+    whole, _, tail = data.rpartition(b"\n") if not data.endswith(b"\n") else (data, b"", b"")
     done = set()
-    for line in data.splitlines():
+    for line in whole.splitlines():
         try:
-            done.add(json.dumps(json.loads(line)["id"]))
+            record = json.loads(line)
+            if not {"id", "answer", "error"} <= set(record):
+                raise KeyError("id")
+            done.add(json.dumps(record["id"]))
         except (ValueError, KeyError, TypeError):
             raise UsageError(f"{out_path} has lines that are not answers of this program; "
                              "pass another --out") from None
+    if tail:
+        if not tail.startswith(b'{"id": '):
+            raise UsageError(f"{out_path} does not end with an answer of this program; pass another --out")
+        with open(out_path, "r+b") as f:
+            f.truncate(len(data) - len(tail))
     return done
 
 
@@ -300,12 +329,14 @@ def batch(args):
     entries = []
     for number, item in items:
         if isinstance(item, str):
-            entries.append(dict(id=number, image=None, question=None, error=item))
+            entries.append(dict(id=number, line=number, image=None, question=None, error=item))
             continue
-        entry = dict(id=item.get("id", number), image=item.get("image"), question=item.get("question"),
-                     chat=item.get("chat") is True, max_new_tokens=item.get("max_new_tokens", args.max_new_tokens),
+        entry = dict(id=item.get("id", number), line=number, image=item.get("image"), question=item.get("question"),
+                     chat=item.get("chat", False), max_new_tokens=item.get("max_new_tokens", args.max_new_tokens),
                      error=None)
-        if not isinstance(entry["image"], str) or not entry["image"]:
+        if not isinstance(entry["chat"], bool):
+            entry["error"] = "\"chat\" must be true or false"
+        elif not isinstance(entry["image"], str) or not entry["image"]:
             entry["error"] = "the line has no \"image\" (a path to an image file)"
         elif not isinstance(entry["question"], str) or not entry["question"].strip():
             entry["error"] = "the line has no \"question\" (non-empty text)"
@@ -313,10 +344,13 @@ def batch(args):
                 or entry["max_new_tokens"] < 1:
             entry["error"] = "\"max_new_tokens\" must be a whole number >= 1"
         entries.append(entry)
-    ids = [json.dumps(e["id"]) for e in entries]
-    if len(set(ids)) != len(ids):
-        duplicate = next(i for i in ids if ids.count(i) > 1)
-        raise UsageError(f"{args.batch}: the id {duplicate} is used twice; every line needs its own id")
+    seen = {}
+    for entry in entries:
+        key = json.dumps(entry["id"])
+        if key in seen:
+            raise UsageError(f"{args.batch}: the id {key} is used twice (lines {seen[key]} and {entry['line']}); "
+                             "every line needs its own id")
+        seen[key] = entry["line"]
 
     # Conversations: consecutive chat lines about the same image. Answered and written together, so an
     # interrupted conversation is answered again whole.
@@ -328,15 +362,22 @@ def batch(args):
                 groups[-1].append(entry)
                 continue
         groups.append([entry])
+    check_out(args.out, args.batch)
     done = answered_ids(args.out)
     todo = [g for g in groups if not all(json.dumps(e["id"]) in done for e in g)]
     skipped = len(entries) - sum(len(g) for g in todo)
     if skipped:
         print(f"{skipped} of {len(entries)} questions already answered in {args.out}; answering the rest",
               file=sys.stderr)
+    if not todo:
+        return 0
     model, tokenizer, config, device = load(args)
     system = FV.SYSTEM_PROMPT if args.system is None else args.system
-    out = open(args.out, "a", encoding="utf-8") if args.out is not None else sys.stdout
+    try:
+        out = open(args.out, "a", encoding="utf-8") if args.out is not None else sys.stdout
+    except OSError as e:
+        raise UsageError(f"--out {args.out} cannot be written ({e.strerror})") from None
+    failed = 0
     encoded = OrderedDict()                              # image path -> its (1, N, d) embeddings, the last 16
     options = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     try:
@@ -362,13 +403,21 @@ def batch(args):
                                 encoded.popitem(last=False)
                         except (FV.InputError, CheckpointError) as e:
                             record["error"] = str(e)
+                    failed += record["error"] is not None
                     lines.append(json.dumps(record, ensure_ascii=False) + "\n")
                     bar.update()
-                out.write("".join(lines))                 # one write per answer or conversation, then flush:
-                out.flush()                              # a killed run loses at most what is in progress
+                try:
+                    out.write("".join(lines))             # one write per answer or conversation, then flush:
+                    out.flush()                          # a killed run loses at most what is in progress
+                except OSError as e:
+                    raise UsageError(f"cannot write to {args.out or 'stdout'} ({e.strerror}); the answers "
+                                     "written so far are kept: free space and rerun to answer the rest") from None
     finally:
         if out is not sys.stdout:
             out.close()
+    if failed:
+        print(f"{failed} of {sum(len(g) for g in todo)} questions could not be answered (see their \"error\"); "
+              "to ask one again, delete its line from the answers and rerun", file=sys.stderr)
     if args.timing:
         print(memory_line(device), file=sys.stderr)
     return 0
@@ -386,7 +435,7 @@ def main(argv=None):
         except (InputError, CheckpointError, AnswerError) as e:
             raise UsageError(str(e)) from None
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)     # one line, whatever it quotes
         return 2
     except KeyboardInterrupt:
         return 130

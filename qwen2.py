@@ -30,6 +30,12 @@ import torch.nn.functional as F
 # Configuration: the three official sizes; any HF Qwen2 config.json reads into the same dataclass.
 # ----------------------------------------------------------------------------------------------------
 
+# Far beyond any released Qwen2 (7B: 28 layers, width 3584, 152,064 tokens): a config.json past these is
+# damaged, and building its model would exhaust the memory before any tensor could disagree with it.
+LIMITS = {"vocab_size": 2**22, "hidden_size": 2**16, "intermediate_size": 2**18, "num_hidden_layers": 1024,
+          "num_attention_heads": 1024, "num_key_value_heads": 1024, "max_position_embeddings": 2**22}
+
+
 @dataclass(frozen=True)
 class Qwen2Config:
     vocab_size: int = 151936
@@ -50,9 +56,11 @@ class Qwen2Config:
                 ok = isinstance(value, bool)
             else:
                 ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool) \
-                    and value > 0
+                    and 0 < value < float("inf") and (kind is float or value <= LIMITS.get(f.name, 2**31))
             if not ok:
-                wanted = "true or false" if kind is bool else f"a positive {'number' if kind is float else 'integer'}"
+                wanted = "true or false" if kind is bool else (
+                    f"a positive {'finite number' if kind is float else 'integer'}"
+                    + (f" of at most {LIMITS[f.name]:,}" if f.name in LIMITS else ""))
                 raise ValueError(f"{f.name} must be {wanted}, not {value!r}")
         if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"hidden_size {self.hidden_size} must split into {self.num_attention_heads} heads, "
@@ -310,7 +318,7 @@ class Qwen2(nn.Module):
 
 def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     """One token id from (vocab,) logits: argmax at temperature 0, else nucleus sampling."""
-    if temperature <= 0:
+    if temperature < torch.finfo(torch.float32).tiny:     # 0, or so small it is 0 in float32: greedy
         return int(logits.argmax())
     # Shifted so the largest logit is 0: a tiny temperature then sends the others to -inf (greedy in the
     # limit) instead of overflowing every logit to inf and the probabilities to NaN.
@@ -320,6 +328,7 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
         sorted_p, order = probs.sort(descending=True)
         # keep the smallest prefix whose mass reaches top_p (always at least the top token)
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        drop[0] = False                                   # even when top_p rounds to 0 in float32
         sorted_p[drop] = 0.0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=generator))

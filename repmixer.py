@@ -58,8 +58,29 @@ class FastViTHDConfig:
     layer_scale_init: float = 1e-5
 
     def __post_init__(self):
+        # config.json is user input: every size a whole positive number within reason (a depth of 10**8
+        # or a side of 10**6 would exhaust the memory before any weight could disagree with it)
+        def whole(name, value, top):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= top:
+                raise ValueError(f"{name} must be a whole number from 1 to {top:,}, not {value!r}")
+
+        for name in ("depths", "widths", "mixers"):
+            if not isinstance(getattr(self, name), tuple) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty list, one entry per stage")
         if not (len(self.depths) == len(self.widths) == len(self.mixers)):
             raise ValueError("depths, widths and mixers need one entry per stage")
+        for d, w in zip(self.depths, self.widths):
+            whole("a stage depth", d, 1024)
+            whole("a stage width", w, 2**16)
+        for name, top in (("head_dim", 2**12), ("image_size", 4096), ("expansion", 64), ("repmixer_kernel", 31),
+                          ("ffn_kernel", 31), ("downsample_kernel", 31), ("cpe_kernel", 31)):
+            whole(name, getattr(self, name), top)
+        for name in ("mlp_ratio", "se_ratio", "layer_scale_init"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a positive finite number, not {value!r}")
+        if self.image_size % self.stride:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of the encoder's stride {self.stride}")
         for w, m in zip(self.widths, self.mixers):
             if m not in ("repmixer", "attention"):
                 raise ValueError(f"unknown token mixer {m!r}: use 'repmixer' or 'attention'")

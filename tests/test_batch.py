@@ -158,3 +158,28 @@ def test_bad_batch_options(capsys, model_dir, images, args, fragment):
     code = infer.main([a.format(dir=images) for a in args] + ["--model", str(model_dir)])
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and fragment in err, err
+
+
+def test_hostile_batch_files(capsys, model_dir, images, tmp_path):
+    """A lone surrogate escape is an error answer (a rerun does not crash on it); a byte-order mark is
+    fine; --out that is a folder, the question file itself, or someone's notes is refused untouched."""
+    batch = images / "hostile.jsonl"
+    batch.write_bytes(b"\xef\xbb\xbf" + b'{"id": "bom", "image": "img0.png", "question": "Hi?"}\n'
+                      + b'{"id": "s", "image": "img0.png", "question": "\\ud800 hi"}\n'
+                      + b'{"id": "c", "image": "img0.png", "question": "Hi?", "chat": "yes"}\n')
+    out = tmp_path / "a.jsonl"
+    for _ in range(2):
+        assert infer.main(["--batch", str(batch), "--out", str(out), "--model", str(model_dir),
+                           "--max-new-tokens", "2"]) == 0
+    got = read_answers(out)
+    assert [a["id"] for a in got] == ["bom", 2, "c"]           # its own text cannot be written: its line number
+    assert got[0]["error"] is None and "surrogate" in got[1]["error"] and "true or false" in got[2]["error"]
+    assert "2 of 3 questions could not be answered" in capsys.readouterr().err
+    notes = tmp_path / "notes.txt"
+    notes.write_text("line one\nline two")
+    for target, fragment in [(tmp_path, "not a regular file"), (batch, "the question file itself"),
+                             (notes, "not answers of this program")]:
+        code = infer.main(["--batch", str(batch), "--out", str(target), "--model", str(model_dir)])
+        out_text, err = capsys.readouterr()
+        assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
+    assert notes.read_text() == "line one\nline two"

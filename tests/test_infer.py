@@ -393,3 +393,55 @@ def test_system_prompt_is_replaced(capsys, model_dir, photo):
     default, custom = run(capsys, *base), run(capsys, *base, "--system", "Answer in French.")
     assert default[0] == custom[0] == 0 and default[1] != custom[1]
     assert run(capsys, *base, "--system", FV.SYSTEM_PROMPT)[1] == default[1]
+
+
+# --- found by trying it as a hostile user would ----------------------------------------------------------
+
+def test_unreachable_paths(capsys, model_dir, photo, monkeypatch):
+    real = Path.is_dir
+
+    def locked(self):
+        if "locked" in str(self):
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "is_dir", locked)
+    assert_one_line_error(*run(capsys, "locked/photo.png", "q", "--model", model_dir), "cannot reach", "permissions")
+    assert_one_line_error(*run(capsys, photo, "q", "--model", "locked/model"), "cannot reach", "permissions")
+    assert_one_line_error(*run(capsys, "", "q", "--model", model_dir), "the image path is empty")
+    assert_one_line_error(*run(capsys, photo, "q", "--model", ""), "the model name is empty")
+
+
+@pytest.mark.parametrize("option", [["--temperature", "1e-300"], ["--temperature", "1", "--top-p", "1e-300"]])
+def test_vanishing_sampling_options_are_greedy(capsys, model_dir, photo, option):
+    base = [photo, "q?", "--model", model_dir, "--max-new-tokens", "6"]
+    assert run(capsys, *base, *option, "--seed", "1") == run(capsys, *base)
+
+
+@pytest.mark.parametrize("change,fragment", [
+    (lambda c: {**c, "fastvithd": {**c["fastvithd"], "head_dim": 0}}, "head_dim must be a whole number"),
+    (lambda c: {**c, "fastvithd": {**c["fastvithd"], "image_size": 10 ** 6}}, "image_size must be a whole number"),
+    (lambda c: {**c, "fastvithd": {**c["fastvithd"], "depths": [10 ** 8, 1, 1, 1, 1]}}, "a stage depth"),
+    (lambda c: {**c, "num_hidden_layers": 10 ** 9}, "num_hidden_layers must be a positive integer of at most"),
+    (lambda c: {**c, "rms_norm_eps": float("inf")}, "rms_norm_eps must be a positive finite number"),
+    (lambda c: {**c, "tokenizer_model_max_length": "8192"}, "tokenizer_model_max_length must be a positive"),
+    (lambda c: {**c, "vocab_size": 1000}, "the tokenizer has 151,646 tokens but the model's embedding 1,000 rows"),
+])
+def test_impossible_config_values(capsys, model_dir, photo, tmp_path, change, fragment):
+    """Values that would divide by zero, exhaust the memory or silently break the answer: one line, at once."""
+    folder = copy_model(model_dir, tmp_path)
+    (folder / "config.json").write_text(json.dumps(change(json.loads((folder / "config.json").read_text()))))
+    assert_one_line_error(*run(capsys, photo, "q", "--model", folder), fragment)
+
+
+def test_weights_of_the_wrong_kind_or_tokenizer_of_another_model(capsys, model_dir, photo, tmp_path):
+    folder = copy_model(model_dir, tmp_path)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int8)
+    save_file(tensors, str(folder / "model.safetensors"))
+    assert_one_line_error(*run(capsys, photo, "q", "--model", folder), "'model.norm.weight'", "stored as int8")
+    from tokenizers import Tokenizer, models
+
+    other = copy_model(model_dir, tmp_path / "other")       # a valid tokenizer.json, of another kind of model:
+    Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(other / "tokenizer.json"))
+    assert_one_line_error(*run(capsys, photo, "q", "--model", other), "no <|im_start|> token")   # no chat tokens

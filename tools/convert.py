@@ -10,7 +10,9 @@ processor load; a folder of transformers' becomes one that Apple's code (and thi
 What changes is names, the config and the tokenizer files; every tensor keeps its dtype and value:
 * tensor names follow fastvlm.py's layout tables (LLAVA, FAST_VLM), through our own names, checked on
   the meta device against the model the config describes (every tensor consumed, every one filled);
-* the embedding and head keep all their rows, those past the tokenizer included;
+* the embedding and head keep all their rows, those past the tokenizer included; a model with no row to
+  spare for transformers' `<image>` token (a small one whose vocabulary is exactly its tokenizer's) gets
+  rows up to a multiple of 64, each the mean of the others, as transformers' own conversion pads them;
 * Apple's files also hold MobileCLIP's projection head (`...model.head.proj`), which FastVLM never uses and
   transformers' layout has no place for: LLaVA -> fast_vlm drops it (and says so), so a round trip
   LLaVA -> fast_vlm -> LLaVA gives the same tensors without it; fast_vlm -> LLaVA -> fast_vlm is exact;
@@ -48,7 +50,13 @@ SPECIAL_TOKENS_MAP = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
                       "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}
 
 
-def convert_tensors(src, layout, target, vision_cfg, llm_cfg, tmp):
+def pad_rows(t, rows):
+    """An embedding (or head) with rows added up to `rows`, each the mean of the existing ones."""
+    extra = t.float().mean(0, keepdim=True).to(t.dtype).expand(rows - t.shape[0], -1)
+    return torch.cat([t, extra])
+
+
+def convert_tensors(src, layout, target, vision_cfg, llm_cfg, tmp, rows=None):
     """Stream every tensor of `src` into `tmp` under the new layout's names; returns (stored dtype, Qwen2 config)."""
     names = safetensors_names(src)
     untied = "lm_head.weight" in names                 # top level in both layouts; absent when tied
@@ -71,6 +79,8 @@ def convert_tensors(src, layout, target, vision_cfg, llm_cfg, tmp):
                 shards.append(shard)
                 save_file(shard, str(tmp / f"part-{len(shards)}.safetensors"), metadata={"format": "pt"})
                 shard, size = {}, 0
+            if rows and ours in ("llm.embed_tokens.weight", "llm.lm_head.weight"):
+                t = pad_rows(t, rows)
             shard[target.theirs(ours, vision_cfg)] = t.contiguous()
             size += t.nbytes
 
@@ -92,6 +102,8 @@ def convert_tensors(src, layout, target, vision_cfg, llm_cfg, tmp):
     for name in dropped:
         print(f"dropped {name}: MobileCLIP's projection head, which FastVLM never uses and the "
               f"{target.name} layout has no place for", file=sys.stderr)
+    if rows:
+        cfg = FV.qwen2.Qwen2Config(**{**cfg.__dict__, "vocab_size": rows})
     return sorted(dtypes)[0] if len(dtypes) == 1 else "float32", cfg
 
 
@@ -135,6 +147,8 @@ def convert(src, dst, to=None):
     src, dst = FV.resolve_model(src), Path(dst)
     if dst.exists():
         raise CheckpointError(f"{dst} already exists; choose a new folder for the converted model")
+    if src.resolve() in dst.resolve().parents:
+        raise CheckpointError(f"{dst} is inside the model folder {src}; choose a folder outside it")
     layout, vision_cfg, llm_cfg, config = FV.model_config(src)
     target = {"llava": FV.LLAVA, "fast_vlm": FV.FAST_VLM}[to] if to else (
         FV.FAST_VLM if layout is FV.LLAVA else FV.LLAVA)
@@ -144,7 +158,12 @@ def convert(src, dst, to=None):
     tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        dtype, llm_cfg = convert_tensors(src, layout, target, vision_cfg, llm_cfg, tmp)
+        rows = None
+        if target is FV.FAST_VLM and tokenizer.token_id(FV.IMAGE) is None and len(tokenizer) >= llm_cfg.vocab_size:
+            # no embedding row for the `<image>` token about to be added (a model whose vocabulary is exactly
+            # its tokenizer's): rows up to a multiple of 64, as transformers' own conversion pads them
+            rows = -(-(len(tokenizer) + 1) // 64) * 64
+        dtype, llm_cfg = convert_tensors(src, layout, target, vision_cfg, llm_cfg, tmp, rows)
         if target is FV.FAST_VLM:
             image_id = write_fast_vlm_tokenizer(tokenizer, tmp)
             new_config = FV.fast_vlm_config(vision_cfg, llm_cfg, image_id, dtype)
@@ -181,7 +200,15 @@ def main(argv=None):
     try:
         dst, target = convert(args.src, args.dst, args.to)
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
+        return 2
+    except OSError as e:     # the destination unwritable, under a file, or the disk full (nothing is left)
+        print(f"error: cannot write {args.dst} ({e.strerror or e}); choose another place", file=sys.stderr)
+        return 2
+    except Exception as e:   # safetensors reports a full disk with its own type
+        if "No space left" not in str(e):
+            raise
+        print(f"error: no space left to write {args.dst}; nothing was kept, free some and rerun", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
