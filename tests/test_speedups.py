@@ -79,11 +79,18 @@ def make_conv(case, seed):
     return conv, x
 
 
+def conv_rel(case):
+    """REL32 grown with the square root of the number of products a conv output sums, past 256 of them
+    (a full 7x7 conv over 24 channels sums 1,176; rounding grows as the root of the count)."""
+    c_in, _, k, _, depthwise = case[:5]
+    return REL32 * max(1.0, ((1 if depthwise else c_in) * k * k / 256) ** 0.5)
+
+
 @settings(deadline=None, max_examples=60)
 @given(case=conv_cases, seed=st.integers(0, 2**31 - 1))
 def test_conv_gelu_equals_gelu_of_conv(case, seed):
     conv, x = make_conv(case, seed)
-    assert_close(*both_paths(lambda: speedups.conv_gelu(x, conv)))
+    assert_close(*both_paths(lambda: speedups.conv_gelu(x, conv)), rel=conv_rel(case))
 
 
 @settings(deadline=None, max_examples=60)
@@ -94,7 +101,7 @@ def test_conv_scale_add_equals_residual_plus_scaled_conv(case, seed):
         shape = conv(h).shape
     residual = torch.randn(shape).contiguous(memory_format=torch.channels_last if case[6] else torch.contiguous_format)
     scale = torch.randn(shape[1], 1, 1)
-    assert_close(*both_paths(lambda: speedups.conv_scale_add(h, conv, scale, residual)))
+    assert_close(*both_paths(lambda: speedups.conv_scale_add(h, conv, scale, residual)), rel=conv_rel(case))
 
 
 @settings(deadline=None, max_examples=40)
