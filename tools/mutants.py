@@ -132,8 +132,9 @@ MUTANTS = [
     Mutant("system_prompt", "fastvlm.py", 'SYSTEM_PROMPT = "You are a helpful assistant."',
            'SYSTEM_PROMPT = "You are a helpful assistant"',
            (FASTVLM + "::test_prompt_ids_equal_transformers_tokenizer",), "system prompt off by a full stop"),
-    Mutant("follow_up_without_end", "fastvlm.py", "return END + USER + question + END + ASSISTANT",
-           "return USER + question + END + ASSISTANT",
+    Mutant("follow_up_without_end", "fastvlm.py",
+           "head = tokenizer.encode(END + START) + tokenizer.encode_text(\"user\\n\" + question)",
+           "head = tokenizer.encode(START) + tokenizer.encode_text(\"user\\n\" + question)",
            (FASTVLM + "::test_follow_up_turns_follow_the_qwen_2_template",),
            "a follow-up turn that does not close the answer before it"),
     # --- sampling options -------------------------------------------------------------------------------
