@@ -281,8 +281,7 @@ class FastVLM(nn.Module):
         names = safetensors_names(folder)
         if not any(name.startswith(layout.vision) for name in names):
             raise CheckpointError(not_fastvlm_tensors(folder, names, layout))
-        untied = "lm_head.weight" in names                  # tied unless the file has a head of its own
-        llm_cfg = qwen2.Qwen2Config(**{**llm_cfg.__dict__, "tie_word_embeddings": not untied})
+        llm_cfg = tied_as_stored(llm_cfg, names)
         device = torch.device(device)
         with torch.device("meta"):                          # shapes only, no memory: filled below
             model = allocate(cls(vision_cfg, llm_cfg), dtype, device)
@@ -305,7 +304,7 @@ class FastVLM(nn.Module):
 
         load_exact(model, stream(), where=part_of, file_names=shown)
         model.layout = layout.name
-        model = model.to(device).eval()
+        model.eval()                                        # already on `device`: allocated there
         if fold_batchnorm:
             model.vision_tower.reparameterize()             # the ConvFFN BatchNorms fold into their convs
             if fast:
@@ -694,14 +693,20 @@ def part_of(name):
     return {"vision_tower": "vision tower", "mm_projector": "projector"}.get(name.split(".", 1)[0], "language model")
 
 
+def tied_as_stored(cfg, names):
+    """`cfg` with the head tied unless the stored tensor names hold `lm_head.weight` (top level in every
+    layout), whatever config.json says: Apple notes that some exported checkpoints' flag disagrees with
+    their files."""
+    return qwen2.Qwen2Config(**{**cfg.__dict__, "tie_word_embeddings": "lm_head.weight" not in names})
+
+
 def load_llm(cfg, tensors, dtype=None, device="cpu"):
     """Build a Qwen2 for `cfg` and fill it from HF-named tensors (`model.layers.0...`, `lm_head.weight`).
 
     The head is tied when the file has no `lm_head.weight`, whatever config.json says (Apple notes that
     some exported checkpoints' flag disagrees with their files).
     """
-    untied = "lm_head.weight" in tensors
-    cfg = qwen2.Qwen2Config(**{**cfg.__dict__, "tie_word_embeddings": not untied})
+    cfg = tied_as_stored(cfg, tensors)
     with torch.device("meta"):                              # no time spent on a random init
         model = allocate(qwen2.Qwen2(cfg), dtype, device)
     ours = {name.removeprefix("model."): value for name, value in tensors.items()}

@@ -59,8 +59,7 @@ def pad_rows(t, rows):
 def convert_tensors(src, layout, target, vision_cfg, llm_cfg, tmp, rows=None):
     """Stream every tensor of `src` into `tmp` under the new layout's names; returns (stored dtype, Qwen2 config)."""
     names = safetensors_names(src)
-    untied = "lm_head.weight" in names                 # top level in both layouts; absent when tied
-    cfg = FV.qwen2.Qwen2Config(**{**llm_cfg.__dict__, "tie_word_embeddings": not untied})
+    cfg = FV.tied_as_stored(llm_cfg, names)
     with torch.device("meta"):                        # the model the config describes: names and shapes only
         model = FV.FastVLM(vision_cfg, cfg)
     shards, shard, size, dropped, dtypes = [], {}, 0, [], set()
