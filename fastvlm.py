@@ -128,16 +128,38 @@ def expand_to_square(img, fill=(0, 0, 0)):
     return canvas
 
 
-def preprocess(img, size):
-    """RGB PIL image -> (3, size, size) float32 in [0, 1], as Apple's pipeline computes it.
-
-    Pad to square with black (the background is mean * 255 and MobileCLIP's mean is 0), resize with
-    PIL bicubic on the 8-bit image, divide by 255 in float32 (the correctly rounded k/255), and
-    normalise with mean 0 / std 1, which leaves the values as they are.
-    """
+def square_rgb(img, size):
+    """The 8-bit half of the pipeline: pad to square with black (the background is mean * 255 and
+    MobileCLIP's mean is 0), resize with PIL bicubic. RGB PIL image -> (size, size, 3) uint8 tensor."""
     img = expand_to_square(img).resize((size, size), Image.BICUBIC)
-    x = np.asarray(img, dtype=np.float32) / np.float32(255.0)          # (size, size, 3)
-    return torch.from_numpy(x).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(img))
+
+
+# k / 255 for every 8-bit k, divided on the CPU: numpy's correctly rounded float32 values (tests check all
+# 256). A GPU gets them by table lookup, because torch's CUDA kernel for `x / 255.0` multiplies by a
+# rounded 1/255 instead (a scalar divisor becomes its reciprocal: aten/src/ATen/native/cuda/
+# BinaryDivTrueKernel.cu), one unit off in the last place for 126 of the 256 values.
+PIXEL_VALUES = torch.arange(256, dtype=torch.float32).div_(255.0)
+_pixel_tables = {}
+
+
+def to_pixels(rgb, device="cpu", dtype=torch.float32):
+    """(S, S, 3) uint8 -> (1, 3, S, S) on `device`: k / 255 in float32 as Apple's pipeline computes it
+    (then mean 0 / std 1, which leaves the values as they are), cast to `dtype`. The 8-bit values travel
+    to a GPU, a quarter of the float copy, and are looked up there in PIXEL_VALUES."""
+    device = torch.device(device)
+    x = rgb.to(device).permute(2, 0, 1)[None]                          # (1, 3, S, S) uint8
+    if device.type == "cpu":
+        return x.float().div_(255.0).contiguous().to(dtype)           # a true division here: see the tests
+    key = (str(device), dtype)
+    if key not in _pixel_tables:
+        _pixel_tables[key] = PIXEL_VALUES.to(device, dtype)
+    return _pixel_tables[key][x.long()].contiguous()
+
+
+def preprocess(img, size):
+    """RGB PIL image -> (3, size, size) float32 in [0, 1], exactly as Apple's pipeline computes it."""
+    return to_pixels(square_rgb(img, size))[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -835,6 +857,38 @@ class Chat:
         self.pos = 0                  # next free cache position
         self.timing = Timing()
 
+    def reserve(self, question, max_new_tokens):
+        """The ids of the next turn; the KV cache grown (keeping what it holds) to fit it and its answer."""
+        ids = turn_ids(self.tokenizer, question, first=not self.history, system=self.system)
+        # the one <image> id (in this turn or in the history) stands for all the image's tokens
+        needed = len(self.history) + len(ids) + self.model.vision_tower.cfg.num_tokens() - 1
+        if needed + max_new_tokens > self.context:
+            raise InputError(f"the conversation needs {needed} + {max_new_tokens} tokens but the model's context "
+                             f"is {self.context}; ask a shorter question, lower --max-new-tokens or start over")
+        llm = self.model.llm
+        if llm.max_len < needed + max_new_tokens:          # grow in big steps
+            llm.setup_cache(min(self.context, max(2 * (needed + max_new_tokens), 1024)))
+        return ids
+
+    @torch.no_grad()
+    def warm_up(self, question, max_new_tokens=256, temperature=0.0, top_p=1.0):
+        """Pay a device's one-time costs on a turn that is then forgotten, so that the next ask() is timed
+        in the steady state: on CUDA the first call of each kernel loads it and picks its algorithm (seconds
+        for the encoder), and the first decode step records the graph (speedups.GraphedQwen2). The cache
+        is sized for `question` and `max_new_tokens` first, as ask() will need it, so nothing is
+        reallocated (and recorded again) after; with the same sampling options, so that their kernels
+        are loaded too. Returns the seconds it took; the chat is as it was."""
+        start = time.perf_counter()
+        saved = list(self.history), self.pos, self.image_embeds, self.stop_ids, self.timing
+        self.reserve(question, max_new_tokens)
+        self.stop_ids = set()                              # at least one decode step, whatever is sampled
+        try:
+            self.ask(question, max_new_tokens=2, temperature=temperature, top_p=top_p)
+        finally:
+            self.history, self.pos, self.image_embeds, self.stop_ids, self.timing = saved
+        synchronize(self.model.llm.device)
+        return time.perf_counter() - start
+
     @torch.no_grad()
     def ask(self, question, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, on_token=None):
         if not question or not question.strip():
@@ -845,18 +899,12 @@ class Chat:
             except UnicodeEncodeError:   # undecodable bytes (from a terminal or argv) arrive as surrogates
                 raise InputError(f"{what} is not valid UTF-8 text; check your terminal's encoding") from None
         model, device, t = self.model, self.model.llm.device, Timing()
+        t.start(device)
         if self.image_embeds is None:
-            t.start(device)
-            pixels = preprocess(self.image, model.image_size)[None].to(device, model.llm.dtype)
+            pixels = to_pixels(square_rgb(self.image, model.image_size), device, model.llm.dtype)
             t.lap("preprocess")
             self.image_embeds = model.encode_image(pixels, timing=t)   # (1, N, d)
-        ids = turn_ids(self.tokenizer, question, first=not self.history, system=self.system)
-        needed = len(self.history) + len(ids) + self.image_embeds.shape[1] - 1   # <image> becomes 256 tokens
-        if needed + max_new_tokens > self.context:
-            raise InputError(f"the conversation needs {needed} + {max_new_tokens} tokens but the model's context "
-                             f"is {self.context}; ask a shorter question, lower --max-new-tokens or start over")
-        if model.llm.max_len < needed + max_new_tokens:    # grow (keeping what is cached) in big steps
-            model.llm.setup_cache(min(self.context, max(2 * (needed + max_new_tokens), 1024)))
+        ids = self.reserve(question, max_new_tokens)
         if self.reuse_cache:
             feed, start_pos = ids, self.pos
         else:
@@ -864,7 +912,8 @@ class Chat:
         self.history += ids
         embeds = model.embed(feed, self.image_embeds if IMAGE_TOKEN_INDEX in feed else None)
         t.prompt_tokens = embeds.shape[1]
-        clock = {"start": time.perf_counter(), "first": None}
+        clock = {"start": t._last, "first": None}   # the prefill's share: from the image's last lap, so
+        #                                           that tokenizing and embedding the turn count too
 
         def stream(token):
             if clock["first"] is None:

@@ -123,11 +123,14 @@ def check_options(args):
         raise UsageError("the question is empty; ask something about the image, or omit it to chat")
 
 
-def print_timing(chat, device):
-    import torch
-
+def print_timing(chat, device, startup=None):
+    """The turn's timing on stderr; `startup`: seconds of the warm-up turn run before it (GPU only)."""
     t = chat.timing
-    lines = [f"time to first token: {t.ttft * 1000:.0f} ms",
+    lines = []
+    if startup is not None:
+        lines.append(f"start-up, first call only: {startup * 1000:.0f} ms (a warm-up turn: the first calls load the "
+                     "GPU's kernels and choose their algorithms, and record the decode graph where there is one)")
+    lines += [f"time to first token: {t.ttft * 1000:.0f} ms" + (" (steady state, after the warm-up)" if startup else ""),
              f"  preprocess {t.preprocess * 1000:.0f} ms | vision encoder {t.encoder * 1000:.0f} ms | "
              f"projector {t.projector * 1000:.1f} ms | LLM prefill {t.prefill * 1000:.0f} ms ({t.prompt_tokens} tokens)"]
     if t.new_tokens > 1 and t.decode > 0:
@@ -211,7 +214,15 @@ def single(args):
     chat = Chat(model, tokenizer, image, config, system=SYSTEM_PROMPT if args.system is None else args.system)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
+    warmed = []
+
     def ask(question):
+        startup = None
+        if args.timing and device.type != "cpu" and not warmed:
+            # A GPU's first call pays one-time costs that would swamp the TTFT: pay them on a warm-up
+            # turn and report them apart. (On CPU a turn takes seconds and its first call costs little.)
+            startup = chat.warm_up(question, args.max_new_tokens, args.temperature, args.top_p)
+            warmed.append(startup)
         if args.json:
             text = chat.ask(question, **options)
             print(json.dumps(answer_record(None, args.image, question, text, chat), ensure_ascii=False))
@@ -219,7 +230,7 @@ def single(args):
             streamer = Streamer(tokenizer)
             streamer.finish(chat.ask(question, on_token=streamer, **options))
         if args.timing:
-            print_timing(chat, device)
+            print_timing(chat, device, startup)
 
     if args.question is not None:
         ask(args.question)

@@ -32,17 +32,32 @@ torch exposes oneDNN's fused kernels as `torch.ops.mkldnn._convolution_pointwise
 `_linear_pointwise`, the ops torch.compile's CPU backend emits. They are private and have no
 autograd, so they run only when every condition of `fast_path()` holds: CPU tensors in float32, no
 gradient being recorded, a build that has them, and `enabled` left True. Otherwise each helper runs
-the plain expression written beside it. `apply()` swaps on CPU models only: these are CPU kernels,
-and which memory layout is fastest on a GPU is for the CUDA speed-ups to measure and choose; they go
-into the same function.
+the plain expression written beside it.
+
+On a CUDA GPU the arithmetic is already in cuBLAS and cuDNN; what costs is Python. One decode step of
+the 0.5B decoder dispatches about 1,700 aten operations (views included; counted with a dispatch mode)
+for one token, each with its Python and launch overhead, while the GPU's share of the step is one read
+of the weights. So:
+
+5. The one-token decode step is captured once as a CUDA graph and replayed for every new token
+   (`GraphedQwen2`): one launch per token. A graph replays fixed kernels on fixed memory, so the step is
+   rewritten with every shape fixed (`decode_step`): the position is a tensor on the GPU, the new k/v
+   are written into the cache with `index_copy_` at that position, and attention reads all `max_len`
+   cached slots with those past the position masked out. By hand with `torch.cuda.graph` rather than
+   `torch.compile(mode="reduce-overhead")`: no compile time (the first answer of a CLI call would wait
+   for it), no dependence on Triton, one short function to read; the price is no kernel fusion.
+6. The encoder keeps the plain NCHW layout on CUDA (CPU_SWAPS, channels-last included, are CPU-only):
+   tools/gpu_check.py times both layouts on the GPU at hand (docs/performance.md).
 """
 
+import contextlib
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import qwen2
 import repmixer
 
 enabled = True
@@ -243,27 +258,155 @@ CPU_SWAPS = {
 }
 
 
+# ----------------------------------------------------------------------------------------------------
+# CUDA: the decode step as a graph (5.)
+# ----------------------------------------------------------------------------------------------------
+
+def static_attention(attn, x, cos, sin, pos, later):
+    """qwen2.Attention for one new token with every shape fixed.      x: (B, 1, d) -> (B, 1, d)
+
+    pos (1,) int64: the token's position; later (S,) bool: the cache slots after it. The token's k/v go
+    into slot `pos` of the preallocated cache, and the query attends to all S = max_len slots with the
+    later ones masked (they hold nothing yet, or a discarded turn). Grouped-query attention without
+    copying k/v per query head: the H query heads are viewed as (H_kv, g), g queries per k/v head.
+    Scores, softmax and the weighted sum in float32, as the fused attention kernels of the eager path
+    accumulate (the cache is small next to the weights).
+    """
+    B, H, H_kv, hd = x.shape[0], attn.heads, attn.kv_heads, attn.head_dim
+    q = attn.q_proj(x).view(B, 1, H, hd).transpose(1, 2)                   # (B, H, 1, hd)
+    k = attn.k_proj(x).view(B, 1, H_kv, hd).transpose(1, 2)                # (B, H_kv, 1, hd)
+    v = attn.v_proj(x).view(B, 1, H_kv, hd).transpose(1, 2)
+    q, k = qwen2.apply_rope(q, cos, sin), qwen2.apply_rope(k, cos, sin)
+    cache = attn.cache
+    cache.k.index_copy_(2, pos, k)                                         # slot pos of (B, H_kv, S, hd)
+    cache.v.index_copy_(2, pos, v)
+    q = q.reshape(B, H_kv, H // H_kv, hd).float()                          # head h = kv * g + j, as in GQA
+    scores = q @ cache.k.float().transpose(-2, -1) / hd ** 0.5             # (B, H_kv, g, S)
+    weights = scores.masked_fill(later, float("-inf")).softmax(-1)
+    out = (weights @ cache.v.float()).to(x.dtype)                          # (B, H_kv, g, hd)
+    return attn.o_proj(out.reshape(B, 1, H * hd))
+
+
+def decode_step(llm, token, pos):
+    """Qwen2.forward(token, start=pos) for one token, in the fixed-shape form a CUDA graph can replay.
+
+    token (B, 1) and pos (1,), int64, live on the device, so the same kernels serve every position.
+    -> logits (B, 1, vocab). Needs llm.setup_cache() first.
+    """
+    x = llm.embed_tokens(token)                                            # (B, 1, d)
+    later = torch.arange(llm.max_len, device=pos.device) > pos            # (S,): the slots it may not see
+    cos = llm.rope_cos.index_select(0, pos).to(x.dtype)                    # (1, hd): this position's angles
+    sin = llm.rope_sin.index_select(0, pos).to(x.dtype)
+    for layer in llm.layers:                                               # DecoderLayer.forward, unrolled
+        x = x + static_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, pos, later)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return llm.lm_head(llm.norm(x))
+
+
+def capture_cuda_graph(fn):
+    """Record fn() as a CUDA graph. Returns (replay, out): replay() reruns the recorded kernels on the same
+    memory and leaves the new result in `out`. fn reads its inputs from tensors the caller refills.
+
+    Following PyTorch's recipe: run fn on a side stream first (lazy initialisation, cuBLAS workspaces and
+    kernel choice must not happen during capture), then capture. A side effect of fn (here: a write
+    into the KV cache) happens in those warm-up runs too.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
+
+
+class GraphedQwen2(qwen2.Qwen2):
+    """Qwen2 whose one-token steps (decode) replay a CUDA graph of decode_step; everything else (prefill,
+    training, CPU) runs the plain forward.
+
+    The graph is recorded at the first decode step and again whenever what it reads has moved: a new
+    cache (setup_cache), new RoPE tables, the model moved or cast (its weights and tables are new
+    tensors), another batch size. Parameters replaced one by one after recording are not noticed: call
+    drop_cache() after such surgery. It is recorded with the position at the cache's last slot, so the
+    warm-up runs of capture_cuda_graph write only into a slot that no visible position holds (each real
+    step writes its own slot before reading it).
+    """
+
+    capture = staticmethod(capture_cuda_graph)
+    devices = ("cuda",)                             # tests on CPU add "cpu" and put a stand-in in `capture`
+
+    def forward(self, tokens=None, embeds=None, start=0, last_only=False):
+        if (embeds is not None or tokens.shape[1] != 1 or self.max_len == 0 or torch.is_grad_enabled()
+                or tokens.device != self.device or self.device.type not in self.devices):
+            return super().forward(tokens, embeds, start, last_only)
+        if not 0 <= start < self.max_len:         # on the GPU an index out of range would end the process
+            raise ValueError(f"position {start} is outside the cache of {self.max_len}")
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            graph = getattr(self, "_graph", None)
+            if graph is None or graph["key"] != self._graph_key(tokens):
+                graph = self._record(tokens)
+            graph["token"].copy_(tokens)
+            graph["pos"].fill_(start)
+            graph["replay"]()
+            return graph["logits"].clone()          # the next replay overwrites graph["logits"]
+
+    def _graph_key(self, tokens):
+        """What the recorded kernels read, by identity and address: when any of it changes, record again."""
+        caches = tuple(id(layer.self_attn.cache) for layer in self.layers)
+        weights = (self.embed_tokens.weight.data_ptr(), self.lm_head.weight.data_ptr(),
+                   self.layers[0].self_attn.q_proj.weight.data_ptr())
+        return caches, weights, id(self.rope_cos), tuple(tokens.shape), self.max_len
+
+    def _record(self, tokens):
+        self._graph = None                          # release the old graph's memory first
+        device = self.device
+        token = torch.zeros_like(tokens)
+        pos = torch.full((1,), self.max_len - 1, dtype=torch.long, device=device)
+        replay, logits = self.capture(lambda: decode_step(self, token, pos))
+        # The recorded kernels read these objects: keeping them alive keeps their memory from being reused.
+        keep = [layer.self_attn.cache for layer in self.layers] + [self.rope_cos, self.rope_sin]
+        self._graph = {"key": self._graph_key(tokens), "replay": replay, "logits": logits, "token": token,
+                       "pos": pos, "keep": keep}
+        return self._graph
+
+    def setup_cache(self, max_len, batch=1):
+        self._graph = None                          # it reads the old cache: free both
+        super().setup_cache(max_len, batch)
+
+    def drop_cache(self):
+        self._graph = None
+        super().drop_cache()
+
+
+# plain class -> its CUDA subclass
+CUDA_SWAPS = {qwen2.Qwen2: GraphedQwen2}
+
+
 def apply(model):
     """Every speed-up for where `model` runs, applied in place; parameters and buffers are untouched.
 
     On CPU: the swaps of CPU_SWAPS, and every FastViTHD's weights stored channels-last. The fused
     kernels run only for float32 without autograd (fast_path); elsewhere the swapped modules compute
     their plain forward. Call it after reparameterize(): the swaps fuse what the fused form computes.
-    On other devices nothing is swapped yet.
+    On CUDA: the swaps of CUDA_SWAPS (the decode step as a graph, without autograd only). Elsewhere
+    (Apple's MPS) nothing is swapped.
     """
     first = next(model.parameters(), None)
-    if first is None or first.device.type != "cpu":
-        return model
+    swaps = {"cpu": CPU_SWAPS, "cuda": CUDA_SWAPS}.get(None if first is None else first.device.type, {})
     for module in model.modules():
-        fast = CPU_SWAPS.get(type(module))
+        fast = swaps.get(type(module))
         if fast is not None:
             module.__class__ = fast
-    for module in model.modules():
-        if isinstance(module, repmixer.FastViTHD):
-            module.to(memory_format=torch.channels_last)
+    if swaps is CPU_SWAPS:
+        for module in model.modules():
+            if isinstance(module, repmixer.FastViTHD):
+                module.to(memory_format=torch.channels_last)
     return model
 
 
 def is_applied(model):
     """True when some module of `model` has been swapped by apply()."""
-    return any(type(m) in CPU_SWAPS.values() for m in model.modules())
+    return any(type(m) in (*CPU_SWAPS.values(), *CUDA_SWAPS.values()) for m in model.modules())

@@ -716,6 +716,13 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def gpu_memory(device):
+    """{"peak_gpu_mib": ...} on CUDA (the most this process's tensors have held on its GPU), else {}."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_gpu_mib": round(torch.cuda.max_memory_allocated(device) / 2**20)}
+
+
 def main(argv=None):
     args = parse_args(argv)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -951,7 +958,7 @@ def train(args, world, rank):
                                               "epoch": (step - 1) // steps_per_epoch, "loss": loss, "lr": lr_now,
                                               "grad_norm": grad_norm, "samples_per_s": rate,
                                               "data_s": t0 - t_data, "compute_s": compute_s,
-                                              "image_size": image_size[0]}) + "\n")
+                                              "image_size": image_size[0], **gpu_memory(device)}) + "\n")
                     if progress is not None:
                         progress.update(1)
                         progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}", samples_s=f"{rate:.1f}")

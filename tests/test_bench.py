@@ -1,8 +1,12 @@
-"""tools/bench.py cannot rot: every section runs on tiny shapes."""
+"""tools/bench.py and tools/gpu_check.py cannot rot: every section runs on tiny shapes."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).parent.parent
 
@@ -61,3 +65,29 @@ def test_breakdown_rows_cover_every_flop_once():
                 assert flops["LLM MLP linears (gate, up, down)"] == L * 2 * T * 3 * d * f
                 assert flops["LLM attention linears (q, k, v, o)"] == L * 2 * T * qkvo
                 assert flops["LLM lm_head (last position only)"] == 2 * d * c.vocab_size
+
+
+def test_gpu_check_runs_every_part_on_the_cpu(tmp_path):
+    """The GPU check is run where GPU time is short: here every part runs on tiny shapes on the CPU,
+    and what it reports must already be right (agreement, exit codes, training steps)."""
+    out = tmp_path / "check.json"
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--device", "cpu", "--quick",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["errors"] == {}
+    agree = report["agreement"]
+    assert agree["cpu fp32"]["greedy_equal_prefix"] == agree["cpu fp32"]["greedy_tokens"] == 8
+    assert agree["graph_vs_eager_fp32"]["greedy_identical"] and agree["pixels_exact"]
+    assert report["ours"]["decode_tokens_per_s"] > 0 and report["ours"]["ttft_ms"] > 0
+    assert report["infer"]["timing"]["exit"] == 0 and report["infer"]["float16"]["exit"] == 2
+    for name, result in report["train"].items():
+        assert result["exit"] == 0 and result["steps"] == 3, (name, result)
+    assert "| **time to first token (ms)** |" in run.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where there is no CUDA GPU")
+def test_gpu_check_without_a_gpu_says_so():
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py")], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert run.returncode == 2 and run.stderr.startswith("error: no CUDA GPU here") and len(run.stderr.splitlines()) == 1

@@ -1,10 +1,13 @@
 """End to end: official-layout checkpoints load exactly, and the answer equals an independent pipeline's."""
 
+import contextlib
+import io
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -166,6 +169,25 @@ def test_preprocessing_equals_official_image_processor(size):
     assert torch.equal(FV.preprocess(img, 1024), expected)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none): the 256 pixel values as the GPU gets them"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pixels_on_the_device_are_numpys_k_over_255(device):
+    """The bytes travel to the device and become floats there: every one of the 256 values must still be
+    numpy's float32 k / 255 (an elementwise map, so these are all the cases). The CUDA case runs where
+    CUDA is."""
+    rgb = torch.arange(256, dtype=torch.uint8).repeat_interleave(3).reshape(16, 16, 3)
+    pixels = FV.to_pixels(rgb, device).cpu()
+    expected = np.arange(256, dtype=np.float32).reshape(16, 16) / np.float32(255.0)
+    assert pixels.shape == (1, 3, 16, 16) and pixels.is_contiguous()
+    for channel in range(3):
+        assert np.array_equal(pixels[0, channel].numpy(), expected)
+    assert FV.to_pixels(rgb, device, torch.bfloat16).dtype == torch.bfloat16
+    assert np.array_equal(FV.PIXEL_VALUES.numpy(), expected.flatten())     # the table a GPU looks them up in
+
+
 def test_prompt_ids_equal_transformers_tokenizer(official_model, official_folder):
     _, tokenizer, _ = official_model
     ref = transformers.AutoTokenizer.from_pretrained(official_folder)
@@ -189,6 +211,29 @@ def test_multi_turn_reusing_the_cache_equals_recomputing(small_folder):
         if reuse:
             assert chat.timing.encoder == 0 and chat.timing.prompt_tokens < 20    # follow-up: only its tokens
     assert answers[0] == answers[1]
+
+
+def test_warm_up_pays_the_first_call_and_leaves_the_chat_as_it_was(small_folder):
+    """--timing on a GPU runs a warm-up turn first: it must record the decode graph and size the cache
+    for the real turn (so that turn records nothing), and change nothing the real turn sees."""
+    from test_speedups import graphed
+
+    image = FV.load_image(FIXTURES / "e2e_image.png")
+    model, tokenizer, config = FV.FastVLM.from_pretrained(small_folder)
+    expected = FV.Chat(model, tokenizer, image, config).ask("What is it?", max_new_tokens=40)
+
+    model, tokenizer, config = FV.FastVLM.from_pretrained(small_folder, fast=False)
+    recorded = []
+    model.llm = graphed(model.llm, recorded)                      # the CUDA swap, on CPU with a stand-in graph
+    chat = FV.Chat(model, tokenizer, image, config)
+    assert chat.warm_up("What is it?", max_new_tokens=1000) > 0
+    assert (chat.history, chat.pos, chat.image_embeds) == ([], 0, None)
+    assert len(recorded) == 1                                     # the warm-up recorded the graph
+    needed = len(FV.turn_ids(tokenizer, "What is it?", first=True)) - 1 + model.vision_tower.cfg.num_tokens()
+    assert model.llm.max_len >= needed + 1000                     # for the real turn, not for the warm-up's 2 tokens
+    answer = chat.ask("What is it?", max_new_tokens=40)
+    assert len(recorded) == 1                                     # and the timed turn did not record again
+    assert answer == expected and chat.timing.encoder > 0 and chat.timing.new_tokens > 1
 
 
 def test_typed_image_marker_is_only_text(small_folder):
@@ -260,6 +305,21 @@ def test_official_checkpoint_answers_through_infer_subprocess(official_folder, o
     greedy = load_file(str(FIXTURES / "e2e_reference.safetensors"))["greedy_ids"][:4].tolist()
     assert run.stdout.strip() == official_model[1].decode(greedy).strip()     # the reference's greedy answer
     assert "time to first token" in run.stderr and "vision encoder" in run.stderr and "prefill" in run.stderr
+    assert "start-up" not in run.stderr and "steady state" not in run.stderr      # CPU: no warm-up turn
+
+
+def test_timing_reports_a_gpu_start_up_apart():
+    import infer
+
+    chat = SimpleNamespace(timing=FV.Timing(preprocess=0.010, encoder=0.009, projector=0.0005, prefill=0.016,
+                                            prompt_tokens=282, decode=0.125, new_tokens=51))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        infer.print_timing(chat, torch.device("cpu"), startup=2.4)
+    lines = err.getvalue().splitlines()
+    assert lines[0].startswith("start-up, first call only: 2400 ms")
+    assert lines[1] == "time to first token: 36 ms (steady state, after the warm-up)"
+    assert lines[3] == "decode: 51 tokens, 400.0 tokens/s"
 
 
 # --- official vision-tower names (Apple's `network.N`, `reparam_conv`, ... onto ours) ---------------------

@@ -2,6 +2,7 @@
 changes no parameter; inference really runs on the fused kernels, training on the plain ops."""
 
 import copy
+from dataclasses import replace
 import platform
 
 import pytest
@@ -281,3 +282,190 @@ def test_flop_counter_counts_cpu_attention_as_its_matrix_products():
     with speedups.flop_counter() as counter:
         torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
     assert counter.get_total_flops() == 2 * (2 * 4 * 55 * 8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The decode step as a CUDA graph: its fixed-shape form on any device, the graph itself on CUDA.
+# ----------------------------------------------------------------------------------------------------
+
+DECODER = Q.Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2)
+
+
+def small_decoder(seed=0, device="cpu", dtype=torch.float32):
+    torch.manual_seed(seed)
+    return Q.Qwen2(DECODER).init_weights(std=0.2).to(device, dtype).eval()   # 0.2: logits spread over several units
+
+
+def read_memory(llm):
+    """What a recorded graph reads besides the weights: the cache tensors and the RoPE tables."""
+    caches = [t for layer in llm.layers for t in (layer.self_attn.cache.k, layer.self_attn.cache.v)]
+    return [t.data_ptr() for t in caches + [llm.rope_cos, llm.rope_sin]]
+
+
+def stand_in_capture(llm, recorded=None):
+    """capture_cuda_graph off CUDA: 'replaying' reruns fn into the same output tensor, after checking that
+    the memory fn reads is still the memory it read when recorded (a real graph would read the old)."""
+    def capture(fn):
+        out, memory = fn(), read_memory(llm)
+        if recorded is not None:
+            recorded.append(llm.max_len)
+
+        def replay():
+            assert read_memory(llm) == memory, "replayed a graph whose cache or RoPE tables have moved"
+            out.copy_(fn())
+        return replay, out
+    return capture
+
+
+def graphed(llm, recorded=None):
+    """A copy of llm swapped to GraphedQwen2, on CPU with the stand-in capture (the wiring, not the graph)."""
+    model = copy.deepcopy(llm)
+    model.__class__ = speedups.GraphedQwen2
+    model.devices = ("cpu",)
+    model.capture = stand_in_capture(model, recorded)
+    return model
+
+
+@torch.no_grad()
+def test_decode_step_equals_the_plain_forward_at_every_position():
+    plain = small_decoder()
+    fixed = copy.deepcopy(plain)
+    plain.setup_cache(48)
+    fixed.setup_cache(48)
+    prompt = torch.randint(0, 512, (1, 9))
+    plain(prompt, start=0)
+    fixed(prompt, start=0)                                  # both caches hold the prompt
+    token = torch.tensor([[7]])
+    for pos in range(9, 47):
+        a = plain(token, start=pos)[:, -1]
+        b = speedups.decode_step(fixed, token, torch.tensor([pos]))[:, -1]
+        assert_close(a, b, alive=True)
+        assert int(a.argmax()) == int(b.argmax())
+        token = a.argmax(-1, keepdim=True)
+    for layer_a, layer_b in zip(plain.layers, fixed.layers):   # the same keys and values were cached
+        torch.testing.assert_close(layer_a.self_attn.cache.k, layer_b.self_attn.cache.k, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_graphed_decoder_generates_the_eager_tokens(temperature):
+    plain = small_decoder(1)
+    fast = graphed(plain)
+    prompt = torch.randint(0, 512, (1, 11))
+    outs = []
+    for model in (plain, fast):
+        model.setup_cache(64)
+        outs.append(Q.generate(model, tokens=prompt, max_new_tokens=40, temperature=temperature, top_p=0.95, seed=5))
+    assert outs[0] == outs[1]
+    assert len(set(outs[0][0])) > 5                         # a varied answer, not one repeated token
+    assert fast._graph is not None                          # and the graph path ran
+
+
+@torch.no_grad()
+def test_graph_is_recorded_again_when_the_cache_grows_and_a_follow_up_matches():
+    """A longer conversation reallocates the cache (Chat grows it): replaying the old recording would
+    write into freed memory. Recording uses the cache's last slot only, never a visible one."""
+    plain = small_decoder(2)
+    fast = graphed(plain)
+    prompt = torch.randint(0, 512, (1, 6))
+    answers = []
+    for model in (plain, fast):
+        model.setup_cache(32)
+        first, pos = Q.generate(model, tokens=prompt, max_new_tokens=10)
+        key = getattr(model, "_graph", None) and model._graph["key"]
+        model.setup_cache(96)                               # keeps what is cached, in new tensors
+        if model is fast:
+            assert model._graph is None                     # the old recording and cache are freed at once
+        second, pos = Q.generate(model, tokens=torch.tensor([first[-3:]]), start=pos, max_new_tokens=30)
+        if model is fast:
+            assert model._graph["key"] != key
+        Q.Qwen2.setup_cache(model, 96)                      # the plain method: same size, new tensors, and
+        third, _ = Q.generate(model, tokens=torch.tensor([second[-2:]]), start=pos, max_new_tokens=10)
+        #                                                     the key alone must see that the cache moved
+        answers.append((first, second, third))
+    assert answers[0] == answers[1]
+    fast.drop_cache()
+    assert fast._graph is None
+
+
+@torch.no_grad()
+def test_recording_writes_only_the_last_cache_slot():
+    fast = graphed(small_decoder(3))
+    fast.setup_cache(24)
+    fast(torch.randint(0, 512, (1, 5)), start=0)
+    before = [(layer.self_attn.cache.k.clone(), layer.self_attn.cache.v.clone()) for layer in fast.layers]
+    fast._record(torch.tensor([[1]]))
+    for (k, v), layer in zip(before, fast.layers):
+        cache = layer.self_attn.cache
+        assert torch.equal(cache.k[:, :, :-1], k[:, :, :-1]) and torch.equal(cache.v[:, :, :-1], v[:, :, :-1])
+        assert not torch.equal(cache.k[:, :, -1], k[:, :, -1])     # the warm-up did write the last slot
+
+
+def test_graph_path_is_for_inference_only():
+    """Prefill, embeddings and autograd take the plain forward: a graph has no backward."""
+    fast = graphed(small_decoder(4))
+    fast.setup_cache(16)
+    fast(torch.randint(0, 512, (1, 4)))                      # grad on: plain, records nothing
+    fast(torch.tensor([[3]]), start=4)
+    assert getattr(fast, "_graph", None) is None
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (CI has none): replays the decode step as a real CUDA graph")
+@torch.no_grad()
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_cuda_graph_generates_the_eager_tokens_in_float32(temperature):
+    plain = small_decoder(6, device="cuda")
+    fast = speedups.apply(copy.deepcopy(plain))
+    assert type(fast) is speedups.GraphedQwen2
+    prompt = torch.randint(0, 512, (1, 11), device="cuda")
+    outs = []
+    for model in (plain, fast):
+        model.setup_cache(128)
+        outs.append(Q.generate(model, tokens=prompt, max_new_tokens=60, temperature=temperature, seed=9))
+    assert outs[0] == outs[1] and fast._graph is not None
+    assert len(set(outs[0][0])) > 5
+
+
+def poisoned_after_first_token(llm, prompt):
+    """Make the embedding of the first greedy token non-finite (an untied model: its logit is unchanged),
+    so that the prefill is finite and the first decode step, the graph's, is not."""
+    llm.setup_cache(32)
+    first = int(llm(prompt, start=0, last_only=True)[0, -1].argmax())
+    llm.embed_tokens.weight[first] = float("inf")
+    return first
+
+
+@torch.no_grad()
+def test_graph_path_keeps_the_non_finite_check():
+    torch.manual_seed(7)
+    llm = graphed(Q.Qwen2(replace(DECODER, tie_word_embeddings=False)).init_weights(std=0.2).eval())
+    prompt = torch.randint(0, 512, (1, 5))
+    poisoned_after_first_token(llm, prompt)
+    with pytest.raises(Q.NonFiniteLogits, match="after 1 new tokens"):
+        Q.generate(llm, tokens=prompt, max_new_tokens=5)
+    assert llm._graph is not None                           # the poisoned step was the graph's
+
+
+@torch.no_grad()
+def test_graph_path_refuses_a_position_outside_the_cache():
+    llm = graphed(small_decoder(8))
+    llm.setup_cache(16)
+    with pytest.raises(ValueError, match="outside the cache of 16"):
+        llm(torch.tensor([[1]]), start=16)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (CI has none): the graph keeps the non-finite check in float16")
+@torch.no_grad()
+def test_cuda_graph_keeps_the_non_finite_check_in_float16():
+    torch.manual_seed(7)
+    llm = Q.Qwen2(replace(DECODER, tie_word_embeddings=False)).init_weights(std=0.2).to("cuda", torch.float16).eval()
+    llm = speedups.apply(llm)
+    prompt = torch.randint(0, 512, (1, 5), device="cuda")
+    poisoned_after_first_token(llm, prompt)
+    with pytest.raises(Q.NonFiniteLogits, match="after 1 new tokens"):
+        Q.generate(llm, tokens=prompt, max_new_tokens=5)
+    assert llm._graph is not None

@@ -329,8 +329,9 @@ def bench_ttft(args):
     return ours, ref
 
 
-def hf_fastvlm_ttft(folder, image, new, quick):
-    """transformers' FastVlmForConditionalGeneration on the same weights (needs timm), same prompt.
+def hf_fastvlm_ttft(folder, image, new, quick, device="cpu", dtype=torch.float32):
+    """transformers' FastVlmForConditionalGeneration on the same weights (needs timm), same prompt, on
+    `device` in `dtype` (tools/gpu_check.py runs it on a GPU).
 
     Returns a function that measures it once (or None without timm), so that the caller can
     interleave its runs with ours: on a shared machine, load drifts over minutes.
@@ -347,8 +348,12 @@ def hf_fastvlm_ttft(folder, image, new, quick):
         return None
     from checkpoint import read_safetensors
     from synthetic import timm_encoder
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    try:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    except ImportError:                                         # transformers before the PIL/torchvision split
+        from transformers import CLIPImageProcessor as CLIPImageProcessorPil
 
+    device = torch.device(device)
     tensors = read_safetensors(folder)
     text = transformers.Qwen2Config(**{k: getattr(Q.QWEN2_0_5B, k) for k in (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -365,6 +370,7 @@ def hf_fastvlm_ttft(folder, image, new, quick):
                                                 if k.startswith("model.") and "vision_tower" not in k
                                                 and "mm_projector" not in k})
     model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    model.to(device, dtype)
     processor = CLIPImageProcessorPil(crop_size={"height": 1024, "width": 1024}, image_mean=[0.0] * 3,
                                       image_std=[1.0] * 3, size={"shortest_edge": 1024})
     tokenizer = FV.load_tokenizer(folder)
@@ -372,19 +378,26 @@ def hf_fastvlm_ttft(folder, image, new, quick):
     def prompt_ids(text):
         ids = FV.tokenize_with_image(tokenizer, text)
         at = ids.index(FV.IMAGE_TOKEN_INDEX)
-        return torch.tensor([ids[:at] + [151646] * 256 + ids[at + 1:]])
+        return torch.tensor([ids[:at] + [151646] * 256 + ids[at + 1:]], device=device)
 
     def run(text, tokens):
         t = time.perf_counter()
-        pixels = processor(FV.expand_to_square(image), return_tensors="pt")["pixel_values"]
+        pixels = processor(FV.expand_to_square(image), return_tensors="pt")["pixel_values"].to(device, dtype)
         out = model.generate(prompt_ids(text), pixel_values=pixels, max_new_tokens=tokens, min_new_tokens=tokens,
                              do_sample=False, pad_token_id=151643)
+        FV.synchronize(device)
         return time.perf_counter() - t, out
+
+    def timed(fn):
+        def run_synchronized():
+            fn()
+            FV.synchronize(device)
+        return median_seconds(run_synchronized, 1, 0)
 
     _, out = run(FV.first_turn(QUESTION), new)                 # (also the warm-up)
     answer = tokenizer.decode(out[0, -new:].tolist(), skip_special_tokens=False)
     follow_text = FV.first_turn(QUESTION) + answer + FV.next_turn(FOLLOW_UP)   # the whole chat again
-    pixels = processor(FV.expand_to_square(image), return_tensors="pt")["pixel_values"]
+    pixels = processor(FV.expand_to_square(image), return_tensors="pt")["pixel_values"].to(device, dtype)
     embeds = model.model.get_input_embeddings()(prompt_ids(FV.first_turn(QUESTION)))
 
     def one_run():
@@ -392,8 +405,8 @@ def hf_fastvlm_ttft(folder, image, new, quick):
         ttft = run(FV.first_turn(QUESTION), 1)[0]
         return {"ttft": ttft, "decode": run(FV.first_turn(QUESTION), new)[0] - ttft,
                 "follow_up": run(follow_text, 1)[0],
-                "encoder": median_seconds(lambda: model.model.get_image_features(pixel_values=pixels), 1, 0),
-                "prefill": median_seconds(lambda: model.model.language_model(inputs_embeds=embeds), 1, 0)}
+                "encoder": timed(lambda: model.model.get_image_features(pixel_values=pixels)),
+                "prefill": timed(lambda: model.model.language_model(inputs_embeds=embeds))}
     return one_run
 
 
