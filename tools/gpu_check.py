@@ -17,7 +17,8 @@ It runs in order, each part on its own (a part that fails is recorded with its e
    FastVlmForConditionalGeneration when transformers and timm are importable.
 3. **Decode against the memory wall**: the weight bytes one token reads, the GPU's copy bandwidth, and
    the fraction of that limit each decoder reaches.
-4. **The encoder's memory layout**: NCHW against channels-last, bf16 (speedups.py keeps the faster).
+4. **The encoder's memory layout**: NCHW against channels-last, bf16 (speedups.py keeps NCHW on CUDA
+   until this says channels-last is faster).
 5. **infer.py as a user runs it**: `--timing` on the first call (start-up apart from steady state, peak
    GPU and host memory) and `--dtype float16` (an overflow must end with exit 2 and a message naming the
    dtype, never with garbage).
@@ -32,6 +33,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,7 +51,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]                # the model files
 import bench  # noqa: E402
 import fastvlm as FV  # noqa: E402
 import qwen2 as Q  # noqa: E402
-import speedups  # noqa: E402
 from synthetic import SMALL_LLM, write_fastvlm_checkpoint  # noqa: E402
 
 QUESTION, FOLLOW_UP = bench.QUESTION, bench.FOLLOW_UP
@@ -219,11 +220,25 @@ def infer_runs(ctx):
             "--max-new-tokens", "32"]
     out = {}
     run, seconds = run_tool(base + ["--timing"])
-    out["timing"] = {"exit": run.returncode, "wall_s": seconds, "stderr": run.stderr.strip().splitlines()[-8:]}
+    lines = run.stderr.strip().splitlines()
+    out["timing"] = {"exit": run.returncode, "wall_s": round(seconds, 1), "stderr": lines[-8:],
+                     **timing_numbers(lines)}
     run, seconds = run_tool(base + ["--dtype", "float16"])
     out["float16"] = {"exit": run.returncode, "stderr": run.stderr.strip().splitlines()[-2:],
                       "answer": run.stdout.strip()[:200]}
     return out
+
+
+def timing_numbers(lines):
+    """The numbers of infer.py --timing's lines: start-up, TTFT, decode rate, peak GPU and host memory."""
+    import re
+
+    patterns = {"startup_ms": r"start-up, first call only: (\d+) ms", "ttft_ms": r"time to first token: (\d+) ms",
+                "decode_tokens_per_s": r"decode: \d+ tokens, ([\d.]+) tokens/s",
+                "peak_gpu_mib": r"peak GPU memory: (\d+) MiB", "peak_host_mib": r"peak process memory: (\d+) MiB"}
+    text = "\n".join(lines)
+    found = {key: re.search(pattern, text) for key, pattern in patterns.items()}
+    return {key: float(m.group(1)) for key, m in found.items() if m}
 
 
 def train_runs(ctx):
@@ -239,6 +254,7 @@ def train_runs(ctx):
         run, seconds = run_tool([ROOT / "train.py", "--init", ctx.folder, "--out", work / name.replace(" ", "_"),
                                  *common, *extra])
         out[name] = summarize_training(run, seconds, work / name.replace(" ", "_"))
+        shutil.rmtree(work / name.replace(" ", "_"), ignore_errors=True)   # 10 GB of state at the 0.5B shape
     run, seconds = run_tool(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                              ROOT / "train.py", "--init", ROOT / "models" / "fastvlm-tiny", "--out", work / "torchrun",
                              *common])
@@ -382,9 +398,19 @@ def main(argv=None):
                   f"{r['greedy_equal_prefix']} of {r['greedy_tokens']} tokens")
     if agree:
         print(f"graph vs eager decode, fp32: {agree['graph_vs_eager_fp32']}; pixel values exact: {agree['pixels_exact']}")
-    for key in ("infer", "train"):
-        if report.get(key):
-            print(f"{key}: {json.dumps(report[key], default=str)}")
+    if report.get("infer"):
+        timing, half = report["infer"]["timing"], report["infer"]["float16"]
+        print(f"\ninfer.py --timing, first call (exit {timing['exit']}, {timing['wall_s']} s in all): "
+              + ", ".join(f"{k} {v:g}" for k, v in timing.items() if k not in ("exit", "wall_s", "stderr")))
+        print(f"infer.py --dtype float16: exit {half['exit']}: {(half['stderr'] or [''])[-1]}")
+    if report.get("train"):
+        print("\n| train.py, 3 steps | exit | wall (s) | losses | samples/s (last step) | peak GPU memory (MiB) |\n"
+              "|---|---|---|---|---|---|")
+        for name, r in report["train"].items():
+            print(f"| {name} | {r['exit']} | {r['wall_s']} | {', '.join(f'{x:.3f}' for x in r['losses'])} | "
+                  f"{r['samples_per_s_last']} | {r['peak_gpu_mib']} |")
+            if r["stderr_tail"]:
+                print(f"  {r['stderr_tail']}")
     if report["errors"]:
         print(f"errors: {report['errors']}")
     print(f"wrote {args.out} ({report['seconds']:.0f} s)")
