@@ -208,10 +208,16 @@ def time_transformers(ctx):
 # 5-6. The command-line tools in subprocesses.
 # ----------------------------------------------------------------------------------------------------
 
-def run_tool(args, timeout=600, **kw):
+def run_tool(args, timeout=240):
+    """A project command in a subprocess -> (CompletedProcess, seconds). One that runs past `timeout` (a
+    hung process group, say) is killed and reported as exit 124, so that the check still ends in time."""
     start = time.perf_counter()
-    run = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                         cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kw)
+    try:
+        run = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                             cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        run = subprocess.CompletedProcess(e.cmd, 124, "", err + f"\n(killed after {timeout} s)")
     return run, time.perf_counter() - start
 
 
@@ -347,6 +353,13 @@ def table(report):
     return "\n".join(lines)
 
 
+def write_report(path, report):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1, default=str))
+    tmp.replace(path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda (default), or cpu with --quick to check the script")
@@ -355,6 +368,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=128, help="tokens decoded for the decode rate")
     p.add_argument("--skip", nargs="*", default=[], choices=["agreement", "timing", "transformers", "infer", "train"])
     p.add_argument("--out", type=Path, default=ROOT / "results" / "gpu_check.json")
+    p.add_argument("--budget", type=float, default=0, metavar="SECONDS",
+                   help="start no part after this many seconds (0: no limit), for a machine lent for minutes")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: no CUDA GPU here; run it on one, or pass --device cpu --quick to check the script",
@@ -376,6 +391,9 @@ def main(argv=None):
     for group, key, fn in parts:
         if group in args.skip:
             continue
+        if args.budget and time.perf_counter() - start > args.budget:
+            report["errors"][key] = f"not run: the --budget of {args.budget:g} s was spent"
+            continue
         t = time.perf_counter()
         try:
             report[key] = fn()
@@ -385,9 +403,9 @@ def main(argv=None):
         print(f"{key}: {time.perf_counter() - t:.0f} s", flush=True)
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
+        write_report(args.out, report)              # after every part: a run cut short keeps what it had
     report["seconds"] = time.perf_counter() - start
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1, default=str))
+    write_report(args.out, report)
     print(f"\n{report['machine']}\n")
     print(table(report))
     agree = report.get("agreement") or {}
