@@ -56,6 +56,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import qwen2
 import repmixer
@@ -262,15 +263,14 @@ CPU_SWAPS = {
 # CUDA: the decode step as a graph (5.)
 # ----------------------------------------------------------------------------------------------------
 
-def static_attention(attn, x, cos, sin, pos, later):
+def static_attention(attn, x, cos, sin, pos, mask):
     """qwen2.Attention for one new token with every shape fixed.      x: (B, 1, d) -> (B, 1, d)
 
-    pos (1,) int64: the token's position; later (S,) bool: the cache slots after it. The token's k/v go
-    into slot `pos` of the preallocated cache, and the query attends to all S = max_len slots with the
-    later ones masked (they hold nothing yet, or a discarded turn). Grouped-query attention without
-    copying k/v per query head: the H query heads are viewed as (H_kv, g), g queries per k/v head.
-    Scores, softmax and the weighted sum in float32, as the fused attention kernels of the eager path
-    accumulate (the cache is small next to the weights).
+    pos (1,) int64: the token's position; mask (1, S): 0 for cache slots 0 .. pos, -inf after. The token's
+    k/v go into slot `pos` of the preallocated cache, and the query attends to all S = max_len slots with
+    the later ones masked (they hold nothing yet, or a discarded turn). Grouped-query attention without
+    copying k/v per query head: the g = H / H_kv query heads that share a k/v head are that head's g
+    queries, one attention call over (B, H_kv, g, hd), accumulated in float32 by the kernel.
     """
     B, H, H_kv, hd = x.shape[0], attn.heads, attn.kv_heads, attn.head_dim
     q = attn.q_proj(x).view(B, 1, H, hd).transpose(1, 2)                   # (B, H, 1, hd)
@@ -280,10 +280,8 @@ def static_attention(attn, x, cos, sin, pos, later):
     cache = attn.cache
     cache.k.index_copy_(2, pos, k)                                         # slot pos of (B, H_kv, S, hd)
     cache.v.index_copy_(2, pos, v)
-    q = q.reshape(B, H_kv, H // H_kv, hd).float()                          # head h = kv * g + j, as in GQA
-    scores = q @ cache.k.float().transpose(-2, -1) / hd ** 0.5             # (B, H_kv, g, S)
-    weights = scores.masked_fill(later, float("-inf")).softmax(-1)
-    out = (weights @ cache.v.float()).to(x.dtype)                          # (B, H_kv, g, hd)
+    q = q.reshape(B, H_kv, H // H_kv, hd)                                  # head h = kv * g + j, as in GQA
+    out = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask)   # (B, H_kv, g, hd)
     return attn.o_proj(out.reshape(B, 1, H * hd))
 
 
@@ -295,10 +293,11 @@ def decode_step(llm, token, pos):
     """
     x = llm.embed_tokens(token)                                            # (B, 1, d)
     later = torch.arange(llm.max_len, device=pos.device) > pos            # (S,): the slots it may not see
+    mask = torch.zeros(1, llm.max_len, dtype=x.dtype, device=pos.device).masked_fill_(later, float("-inf"))
     cos = llm.rope_cos.index_select(0, pos).to(x.dtype)                    # (1, hd): this position's angles
     sin = llm.rope_sin.index_select(0, pos).to(x.dtype)
     for layer in llm.layers:                                               # DecoderLayer.forward, unrolled
-        x = x + static_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, pos, later)
+        x = x + static_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, pos, mask)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return llm.lm_head(llm.norm(x))
 
@@ -365,7 +364,11 @@ class GraphedQwen2(qwen2.Qwen2):
         device = self.device
         token = torch.zeros_like(tokens)
         pos = torch.full((1,), self.max_len - 1, dtype=torch.long, device=device)
-        replay, logits = self.capture(lambda: decode_step(self, token, pos))
+        # The attention kernel is chosen while recording. Memory-efficient attention (or the plain math) is
+        # known to record: cuDNN's attention is left out, since with a mask over more than 1,024 keys some
+        # cuDNN versions cannot be captured (NVIDIA's TransformerEngine turns it off there for cuDNN 9.14).
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            replay, logits = self.capture(lambda: decode_step(self, token, pos))
         # The recorded kernels read these objects: keeping them alive keeps their memory from being reused.
         keep = [layer.self_attn.cache for layer in self.layers] + [self.rope_cos, self.rope_sin]
         self._graph = {"key": self._graph_key(tokens), "replay": replay, "logits": logits, "token": token,
