@@ -129,7 +129,7 @@ def print_timing(chat, device, startup=None):
     lines = []
     if startup is not None:
         lines.append(f"start-up, first call only: {startup * 1000:.0f} ms (a warm-up turn: the first calls load the "
-                     "GPU's kernels and choose their algorithms, and record the decode graph where there is one)")
+                     "GPU's kernels and choose their algorithms, and record the prefill and decode graphs where there are some)")
     lines += [f"time to first token: {t.ttft * 1000:.0f} ms" + (" (steady state, after the warm-up)" if startup else ""),
              f"  preprocess {t.preprocess * 1000:.0f} ms | vision encoder {t.encoder * 1000:.0f} ms | "
              f"projector {t.projector * 1000:.1f} ms | LLM prefill {t.prefill * 1000:.0f} ms ({t.prompt_tokens} tokens)"]

@@ -41,9 +41,11 @@ of the weights. So:
 
 5. The one-token decode step is captured once as a CUDA graph and replayed for every new token
    (`GraphedQwen2`): one launch per token. A graph replays fixed kernels on fixed memory, so the step is
-   rewritten with every shape fixed (`decode_step`): the position is a tensor on the GPU, the new k/v
-   are written into the cache with `index_copy_` at that position, and attention reads all `max_len`
-   cached slots with those past the position masked out. By hand with `torch.cuda.graph` rather than
+   rewritten with every shape fixed (`static_forward`): positions are tensors on the GPU, the new k/v
+   are written into the cache with `index_copy_` at those positions, and attention reads all `max_len`
+   cached slots with those past each position masked out. The prefill, launch-bound the same way, gets
+   the same treatment: the prompt is padded to a multiple of PREFILL_BUCKET tokens and each padded
+   length is recorded once. By hand with `torch.cuda.graph` rather than
    `torch.compile(mode="reduce-overhead")`: no compile time (the first answer of a CLI call would wait
    for it), no dependence on Triton, one short function to read; the price is no kernel fusion.
 6. The encoder keeps the plain NCHW layout on CUDA (CPU_SWAPS, channels-last included, are CPU-only):
@@ -51,6 +53,7 @@ of the weights. So:
 """
 
 import contextlib
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -260,46 +263,57 @@ CPU_SWAPS = {
 
 
 # ----------------------------------------------------------------------------------------------------
-# CUDA: the decode step as a graph (5.)
+# CUDA: the decode step and the prefill as graphs (5.)
 # ----------------------------------------------------------------------------------------------------
 
-def static_attention(attn, x, cos, sin, pos, mask):
-    """qwen2.Attention for one new token with every shape fixed.      x: (B, 1, d) -> (B, 1, d)
+def static_attention(attn, x, cos, sin, positions, mask):
+    """qwen2.Attention for T tokens at given positions, with every shape fixed.   x: (B, T, d) -> (B, T, d)
 
-    pos (1,) int64: the token's position; mask (1, S): 0 for cache slots 0 .. pos, -inf after. The token's
-    k/v go into slot `pos` of the preallocated cache, and the query attends to all S = max_len slots with
-    the later ones masked (they hold nothing yet, or a discarded turn). Grouped-query attention without
-    copying k/v per query head: the g = H / H_kv query heads that share a k/v head are that head's g
-    queries, one attention call over (B, H_kv, g, hd), accumulated in float32 by the kernel.
+    positions (T,) int64; mask (g*T, S) or (1, S): 0 where a query may see a cache slot, -inf elsewhere.
+    The tokens' k/v go into their slots of the preallocated cache, and the queries attend to all
+    S = max_len slots, masked (later slots hold nothing yet, or a discarded turn). Grouped-query attention
+    without copying k/v per query head: the g = H / H_kv query heads sharing a k/v head become g * T
+    queries of that head, one attention call over (B, H_kv, g * T, hd), accumulated in float32 by the kernel.
     """
-    B, H, H_kv, hd = x.shape[0], attn.heads, attn.kv_heads, attn.head_dim
-    q = attn.q_proj(x).view(B, 1, H, hd).transpose(1, 2)                   # (B, H, 1, hd)
-    k = attn.k_proj(x).view(B, 1, H_kv, hd).transpose(1, 2)                # (B, H_kv, 1, hd)
-    v = attn.v_proj(x).view(B, 1, H_kv, hd).transpose(1, 2)
+    B, T = x.shape[:2]
+    H, H_kv, hd = attn.heads, attn.kv_heads, attn.head_dim
+    q = attn.q_proj(x).view(B, T, H, hd).transpose(1, 2)                   # (B, H, T, hd)
+    k = attn.k_proj(x).view(B, T, H_kv, hd).transpose(1, 2)                # (B, H_kv, T, hd)
+    v = attn.v_proj(x).view(B, T, H_kv, hd).transpose(1, 2)
     q, k = qwen2.apply_rope(q, cos, sin), qwen2.apply_rope(k, cos, sin)
     cache = attn.cache
-    cache.k.index_copy_(2, pos, k)                                         # slot pos of (B, H_kv, S, hd)
-    cache.v.index_copy_(2, pos, v)
-    q = q.reshape(B, H_kv, H // H_kv, hd)                                  # head h = kv * g + j, as in GQA
-    out = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask)   # (B, H_kv, g, hd)
-    return attn.o_proj(out.reshape(B, 1, H * hd))
+    cache.k.index_copy_(2, positions, k)                                   # their slots of (B, H_kv, S, hd)
+    cache.v.index_copy_(2, positions, v)
+    q = q.reshape(B, H_kv, H // H_kv * T, hd)                              # head h = kv * g + j, as in GQA
+    out = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask)   # (B, H_kv, g * T, hd)
+    out = out.view(B, H, T, hd).transpose(1, 2)                            # (B, T, H, hd)
+    return attn.o_proj(out.reshape(B, T, H * hd))
+
+
+def static_forward(llm, x, start, last):
+    """Qwen2.forward(embeds=x, start, last_only=True) in the fixed-shape form a CUDA graph can replay.
+
+    x (B, T, d): embeddings at positions start .. start+T-1 (a prompt may be padded to T: rows after the
+    real ones write cache slots that a later step overwrites before any query sees them). start and
+    last, (1,) int64 on the device: the first position, and the row whose logits are returned (the last
+    real one). The same kernels serve every position. -> (B, 1, vocab). Needs llm.setup_cache() first.
+    """
+    T, S = x.shape[1], llm.max_len
+    positions = start + torch.arange(T, device=x.device)                   # (T,)
+    cos = llm.rope_cos.index_select(0, positions).to(x.dtype)              # (T, hd): their angles
+    sin = llm.rope_sin.index_select(0, positions).to(x.dtype)
+    later = torch.arange(S, device=x.device) > positions[:, None]          # (T, S): slots a row may not see
+    mask = torch.zeros(T, S, dtype=x.dtype, device=x.device).masked_fill_(later, float("-inf"))
+    mask = mask.repeat(llm.cfg.num_attention_heads // llm.cfg.num_key_value_heads, 1)   # (g * T, S)
+    for layer in llm.layers:                                               # DecoderLayer.forward, unrolled
+        x = x + static_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, positions, mask)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return llm.lm_head(llm.norm(x.index_select(1, last)))
 
 
 def decode_step(llm, token, pos):
-    """Qwen2.forward(token, start=pos) for one token, in the fixed-shape form a CUDA graph can replay.
-
-    token (B, 1) and pos (1,), int64, live on the device, so the same kernels serve every position.
-    -> logits (B, 1, vocab). Needs llm.setup_cache() first.
-    """
-    x = llm.embed_tokens(token)                                            # (B, 1, d)
-    later = torch.arange(llm.max_len, device=pos.device) > pos            # (S,): the slots it may not see
-    mask = torch.zeros(1, llm.max_len, dtype=x.dtype, device=pos.device).masked_fill_(later, float("-inf"))
-    cos = llm.rope_cos.index_select(0, pos).to(x.dtype)                    # (1, hd): this position's angles
-    sin = llm.rope_sin.index_select(0, pos).to(x.dtype)
-    for layer in llm.layers:                                               # DecoderLayer.forward, unrolled
-        x = x + static_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, pos, mask)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return llm.lm_head(llm.norm(x))
+    """One new token (B, 1) at position pos (1,) -> logits (B, 1, vocab): static_forward with T = 1."""
+    return static_forward(llm, llm.embed_tokens(token), pos, torch.zeros_like(pos))
 
 
 def capture_cuda_graph(fn):
@@ -322,65 +336,91 @@ def capture_cuda_graph(fn):
     return graph.replay, out
 
 
-class GraphedQwen2(qwen2.Qwen2):
-    """Qwen2 whose one-token steps (decode) replay a CUDA graph of decode_step; everything else (prefill,
-    training, CPU) runs the plain forward.
+# A prompt is padded to a multiple of this many tokens, so that one recorded prefill serves every prompt
+# of its length class (a first turn is the image's 256 tokens and a question; a follow-up, a few dozen).
+PREFILL_BUCKET = 64
 
-    The graph is recorded at the first decode step and again whenever what it reads has moved: a new
-    cache (setup_cache), new RoPE tables, the model moved or cast (its weights and tables are new
-    tensors), another batch size. Parameters replaced one by one after recording are not noticed: call
-    drop_cache() after such surgery. It is recorded with the position at the cache's last slot, so the
-    warm-up runs of capture_cuda_graph write only into a slot that no visible position holds (each real
-    step writes its own slot before reading it).
+
+class GraphedQwen2(qwen2.Qwen2):
+    """Qwen2 whose inference with a KV cache replays CUDA graphs of static_forward: one for the decode
+    step, one per padded prompt length for the prefill. Training, and anything without a cache or
+    without room for the padding, runs the plain forward.
+
+    A graph is recorded at its first use and again whenever what it reads has moved: a new cache
+    (setup_cache), new RoPE tables, the model moved or cast (its weights and tables are new tensors).
+    Parameters replaced one by one after recording are not noticed: call drop_cache() after such surgery.
+    It is recorded at the cache's last slots, so the warm-up runs of capture_cuda_graph write only slots
+    that no visible position holds (each real step writes its own slots before reading them). Should
+    recording fail (a torch or driver that cannot capture a kernel), the model says so once and runs
+    the plain forward from then on.
     """
 
     capture = staticmethod(capture_cuda_graph)
     devices = ("cuda",)                             # tests on CPU add "cpu" and put a stand-in in `capture`
 
     def forward(self, tokens=None, embeds=None, start=0, last_only=False):
-        if (embeds is not None or tokens.shape[1] != 1 or self.max_len == 0 or torch.is_grad_enabled()
-                or tokens.device != self.device or self.device.type not in self.devices):
+        x = embeds if embeds is not None else tokens
+        T = x.shape[1]
+        width = T if T == 1 else -(-T // PREFILL_BUCKET) * PREFILL_BUCKET     # the padded length
+        if (self.max_len == 0 or torch.is_grad_enabled() or (T > 1 and not last_only) or x.device != self.device
+                or self.device.type not in self.devices or not 0 <= start <= self.max_len - width):
             return super().forward(tokens, embeds, start, last_only)
-        if not 0 <= start < self.max_len:         # on the GPU an index out of range would end the process
-            raise ValueError(f"position {start} is outside the cache of {self.max_len}")
+        if embeds is None and T > 1:
+            embeds = self.embed_tokens(tokens)
+        name = ("decode",) if T == 1 and embeds is None else ("prefill", width)
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
-            graph = getattr(self, "_graph", None)
-            if graph is None or graph["key"] != self._graph_key(tokens):
-                graph = self._record(tokens)
-            graph["token"].copy_(tokens)
-            graph["pos"].fill_(start)
+            graphs = self.__dict__.setdefault("_graphs", {})
+            graph = graphs.get(name)
+            if graph is None or graph["key"] != self._graph_key(x.shape[0]):
+                try:
+                    graph = graphs[name] = self._record(name, tokens if name[0] == "decode" else embeds)
+                except RuntimeError as e:
+                    self.devices = ()
+                    warnings.warn(f"recording a CUDA graph failed ({e}); running the plain forward instead")
+                    return super().forward(tokens, embeds, start, last_only)
+            if name[0] == "decode":
+                graph["input"].copy_(tokens)
+            else:
+                graph["input"][:, :T].copy_(embeds)
+                graph["input"][:, T:].zero_()
+            graph["start"].fill_(start)
+            graph["last"].fill_(T - 1)
             graph["replay"]()
             return graph["logits"].clone()          # the next replay overwrites graph["logits"]
 
-    def _graph_key(self, tokens):
+    def _graph_key(self, batch):
         """What the recorded kernels read, by identity and address: when any of it changes, record again."""
         caches = tuple(id(layer.self_attn.cache) for layer in self.layers)
         weights = (self.embed_tokens.weight.data_ptr(), self.lm_head.weight.data_ptr(),
                    self.layers[0].self_attn.q_proj.weight.data_ptr())
-        return caches, weights, id(self.rope_cos), tuple(tokens.shape), self.max_len
+        return caches, weights, id(self.rope_cos), batch, self.max_len
 
-    def _record(self, tokens):
-        self._graph = None                          # release the old graph's memory first
+    def _record(self, name, x):
         device = self.device
-        token = torch.zeros_like(tokens)
-        pos = torch.full((1,), self.max_len - 1, dtype=torch.long, device=device)
+        if name[0] == "decode":
+            inputs = torch.zeros(x.shape[0], 1, dtype=torch.long, device=device)
+            step = lambda: decode_step(self, inputs, start)                          # noqa: E731
+        else:
+            inputs = torch.zeros(x.shape[0], name[1], x.shape[2], dtype=x.dtype, device=device)
+            step = lambda: static_forward(self, inputs, start, last)                 # noqa: E731
+        start = torch.full((1,), self.max_len - inputs.shape[1], dtype=torch.long, device=device)
+        last = torch.zeros(1, dtype=torch.long, device=device)
         # The attention kernel is chosen while recording. Memory-efficient attention (or the plain math) is
         # known to record: cuDNN's attention is left out, since with a mask over more than 1,024 keys some
         # cuDNN versions cannot be captured (NVIDIA's TransformerEngine turns it off there for cuDNN 9.14).
         with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-            replay, logits = self.capture(lambda: decode_step(self, token, pos))
+            replay, logits = self.capture(step)
         # The recorded kernels read these objects: keeping them alive keeps their memory from being reused.
         keep = [layer.self_attn.cache for layer in self.layers] + [self.rope_cos, self.rope_sin]
-        self._graph = {"key": self._graph_key(tokens), "replay": replay, "logits": logits, "token": token,
-                       "pos": pos, "keep": keep}
-        return self._graph
+        return {"key": self._graph_key(x.shape[0]), "replay": replay, "logits": logits, "input": inputs,
+                "start": start, "last": last, "keep": keep}
 
     def setup_cache(self, max_len, batch=1):
-        self._graph = None                          # it reads the old cache: free both
+        self._graphs = {}                           # they read the old cache: free both
         super().setup_cache(max_len, batch)
 
     def drop_cache(self):
-        self._graph = None
+        self._graphs = {}
         super().drop_cache()
 
 

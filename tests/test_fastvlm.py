@@ -228,11 +228,11 @@ def test_warm_up_pays_the_first_call_and_leaves_the_chat_as_it_was(small_folder)
     chat = FV.Chat(model, tokenizer, image, config)
     assert chat.warm_up("What is it?", max_new_tokens=1000) > 0
     assert (chat.history, chat.pos, chat.image_embeds) == ([], 0, None)
-    assert len(recorded) == 1                                     # the warm-up recorded the graph
+    assert len(recorded) == 2                                     # the warm-up recorded prefill and decode
     needed = len(FV.turn_ids(tokenizer, "What is it?", first=True)) - 1 + model.vision_tower.cfg.num_tokens()
     assert model.llm.max_len >= needed + 1000                     # for the real turn, not for the warm-up's 2 tokens
     answer = chat.ask("What is it?", max_new_tokens=40)
-    assert len(recorded) == 1                                     # and the timed turn did not record again
+    assert len(recorded) == 2                                     # and the timed turn recorded nothing
     assert answer == expected and chat.timing.encoder > 0 and chat.timing.new_tokens > 1
 
 

@@ -1,6 +1,7 @@
 """speedups.py: every swapped module computes what its plain self computes, on the same weights; the swap
 changes no parameter; inference really runs on the fused kernels, training on the plain ops."""
 
+import contextlib
 import copy
 from dataclasses import replace
 import platform
@@ -359,7 +360,7 @@ def test_graphed_decoder_generates_the_eager_tokens(temperature):
         outs.append(Q.generate(model, tokens=prompt, max_new_tokens=40, temperature=temperature, top_p=0.95, seed=5))
     assert outs[0] == outs[1]
     assert len(set(outs[0][0])) > 5                         # a varied answer, not one repeated token
-    assert fast._graph is not None                          # and the graph path ran
+    assert ("decode",) in fast._graphs                      # and the graph path ran
 
 
 @torch.no_grad()
@@ -373,33 +374,84 @@ def test_graph_is_recorded_again_when_the_cache_grows_and_a_follow_up_matches():
     for model in (plain, fast):
         model.setup_cache(32)
         first, pos = Q.generate(model, tokens=prompt, max_new_tokens=10)
-        key = getattr(model, "_graph", None) and model._graph["key"]
+        key = model is fast and model._graphs[("decode",)]["key"]
         model.setup_cache(96)                               # keeps what is cached, in new tensors
         if model is fast:
-            assert model._graph is None                     # the old recording and cache are freed at once
+            assert model._graphs == {}                      # the old recordings and cache are freed at once
         second, pos = Q.generate(model, tokens=torch.tensor([first[-3:]]), start=pos, max_new_tokens=30)
         if model is fast:
-            assert model._graph["key"] != key
+            assert model._graphs[("decode",)]["key"] != key and ("prefill", 64) in model._graphs
         Q.Qwen2.setup_cache(model, 96)                      # the plain method: same size, new tensors, and
         third, _ = Q.generate(model, tokens=torch.tensor([second[-2:]]), start=pos, max_new_tokens=10)
         #                                                     the key alone must see that the cache moved
         answers.append((first, second, third))
     assert answers[0] == answers[1]
     fast.drop_cache()
-    assert fast._graph is None
+    assert fast._graphs == {}
 
 
 @torch.no_grad()
-def test_recording_writes_only_the_last_cache_slot():
+@pytest.mark.parametrize("name, written", [(("decode",), 1), (("prefill", 64), 64)])
+def test_recording_writes_only_the_last_cache_slots(name, written):
     fast = graphed(small_decoder(3))
-    fast.setup_cache(24)
-    fast(torch.randint(0, 512, (1, 5)), start=0)
+    fast.setup_cache(96)
+    for layer in fast.layers:                                           # a mark in every free slot
+        layer.self_attn.cache.k.fill_(7.0)
+        layer.self_attn.cache.v.fill_(7.0)
+    Q.Qwen2.forward(fast, torch.randint(0, 512, (1, 5)), start=0)      # a prompt in slots 0 .. 4, plainly
     before = [(layer.self_attn.cache.k.clone(), layer.self_attn.cache.v.clone()) for layer in fast.layers]
-    fast._record(torch.tensor([[1]]))
+    fast._record(name, torch.zeros(1, 1, DECODER.hidden_size))
     for (k, v), layer in zip(before, fast.layers):
-        cache = layer.self_attn.cache
-        assert torch.equal(cache.k[:, :, :-1], k[:, :, :-1]) and torch.equal(cache.v[:, :, :-1], v[:, :, :-1])
-        assert not torch.equal(cache.k[:, :, -1], k[:, :, -1])     # the warm-up did write the last slot
+        cache, kept = layer.self_attn.cache, 96 - written
+        assert torch.equal(cache.k[:, :, :kept], k[:, :, :kept]) and torch.equal(cache.v[:, :, :kept], v[:, :, :kept])
+        assert (cache.k[:, :, kept:] != 7.0).all()                     # the warm-up did write the last ones
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("lengths", [(5, 3, 1), (64, 65, 2), (130, 7, 40)])
+def test_padded_prefill_graphs_answer_as_the_plain_model(lengths):
+    """Turns of these prompt lengths (each padded to a multiple of 64 and replayed from one recording
+    per padded length): the same greedy tokens, and the same cached keys and values, as the plain
+    decoder. The padding's own slots are overwritten before any query sees them."""
+    plain = small_decoder(5)
+    fast = graphed(plain)
+    torch.manual_seed(11)
+    turns = [torch.randn(1, n, DECODER.hidden_size) * 0.5 for n in lengths]
+    outs = []
+    for model in (plain, fast):
+        model.setup_cache(512)
+        pos, answers = 0, []
+        for embeds in turns:
+            ids, pos = Q.generate(model, embeds=embeds, start=pos, max_new_tokens=12)
+            answers.append(ids)
+        outs.append((answers, pos))
+    assert outs[0] == outs[1]
+    assert sum(len(set(a)) for a in outs[0][0]) > 10
+    widths = {n if n == 1 else -(-n // 64) * 64 for n in lengths}          # a single embedding is not padded
+    assert {name for name in fast._graphs if name[0] == "prefill"} == {("prefill", w) for w in widths}
+    end = outs[0][1]
+    for a, b in zip(plain.layers, fast.layers):
+        torch.testing.assert_close(a.self_attn.cache.k[:, :, :end], b.self_attn.cache.k[:, :, :end],
+                                   rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_failed_recording_falls_back_to_the_plain_forward():
+    """A torch or driver that cannot capture some kernel must cost speed, not the answer."""
+    plain = small_decoder(9)
+    fast = graphed(plain)
+
+    def cannot_capture(fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    fast.capture = cannot_capture
+    prompt = torch.randint(0, 512, (1, 7))
+    outs = []
+    for model in (plain, fast):
+        model.setup_cache(128)
+        with pytest.warns(UserWarning, match="recording a CUDA graph failed") if model is fast else contextlib.nullcontext():
+            outs.append(Q.generate(model, tokens=prompt, max_new_tokens=20))
+    assert outs[0] == outs[1] and fast.devices == () and fast._graphs == {}
 
 
 def test_graph_path_is_for_inference_only():
@@ -408,7 +460,7 @@ def test_graph_path_is_for_inference_only():
     fast.setup_cache(16)
     fast(torch.randint(0, 512, (1, 4)))                      # grad on: plain, records nothing
     fast(torch.tensor([[3]]), start=4)
-    assert getattr(fast, "_graph", None) is None
+    assert getattr(fast, "_graphs", {}) == {}
 
 
 CUDA = torch.cuda.is_available()
@@ -426,7 +478,7 @@ def test_cuda_graph_generates_the_eager_tokens_in_float32(temperature):
     for model in (plain, fast):
         model.setup_cache(128)
         outs.append(Q.generate(model, tokens=prompt, max_new_tokens=60, temperature=temperature, seed=9))
-    assert outs[0] == outs[1] and fast._graph is not None
+    assert outs[0] == outs[1] and ("decode",) in fast._graphs and ("prefill", 64) in fast._graphs
     assert len(set(outs[0][0])) > 5
 
 
@@ -447,15 +499,17 @@ def test_graph_path_keeps_the_non_finite_check():
     poisoned_after_first_token(llm, prompt)
     with pytest.raises(Q.NonFiniteLogits, match="after 1 new tokens"):
         Q.generate(llm, tokens=prompt, max_new_tokens=5)
-    assert llm._graph is not None                           # the poisoned step was the graph's
+    assert ("decode",) in llm._graphs                       # the poisoned step was the graph's
 
 
 @torch.no_grad()
-def test_graph_path_refuses_a_position_outside_the_cache():
+def test_a_position_outside_the_cache_never_reaches_a_graph():
+    """On a GPU an index past the cache would end the process; here it is the plain forward's error."""
     llm = graphed(small_decoder(8))
     llm.setup_cache(16)
-    with pytest.raises(ValueError, match="outside the cache of 16"):
+    with pytest.raises(ValueError, match="exceeds the cache of 16"):
         llm(torch.tensor([[1]]), start=16)
+    assert llm._graphs == {}
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (CI has none): the graph keeps the non-finite check in float16")
@@ -468,4 +522,4 @@ def test_cuda_graph_keeps_the_non_finite_check_in_float16():
     poisoned_after_first_token(llm, prompt)
     with pytest.raises(Q.NonFiniteLogits, match="after 1 new tokens"):
         Q.generate(llm, tokens=prompt, max_new_tokens=5)
-    assert llm._graph is not None
+    assert ("decode",) in llm._graphs
