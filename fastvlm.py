@@ -866,8 +866,8 @@ class Chat:
             raise InputError(f"the conversation needs {needed} + {max_new_tokens} tokens but the model's context "
                              f"is {self.context}; ask a shorter question, lower --max-new-tokens or start over")
         llm = self.model.llm
-        if llm.max_len < needed + max_new_tokens:          # grow in big steps
-            llm.setup_cache(min(self.context, max(2 * (needed + max_new_tokens), 1024)))
+        if llm.max_len < needed + max_new_tokens:          # grow in big steps, whole multiples of 64
+            llm.setup_cache(min(self.context, max(-(-2 * (needed + max_new_tokens) // 64) * 64, 1024)))
         return ids
 
     @torch.no_grad()

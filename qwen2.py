@@ -147,6 +147,11 @@ class KVCache(nn.Module):
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def forget(self, start):
+        """Zero positions [start, max_len): what a failed turn left there is gone, NaN included."""
+        self.k[:, :, start:] = 0
+        self.v[:, :, start:] = 0
+
 
 def causal_mask(T, S, device=None):
     """Which keys each query may see, (T, S) bool, or None when there is one query.
@@ -347,7 +352,8 @@ def generate(model, tokens=None, embeds=None, start=0, max_new_tokens=64, temper
     been written to the cache, so a follow-up turn can continue at that position. `on_token(id)` is
     called as soon as each token is chosen (streaming). `vocab_limit` ignores logits past the
     tokenizer's length (padding rows of the embedding), as the official loader does by resizing.
-    Raises NonFiniteLogits when a step's logits hold NaN or infinity (no answer could be trusted).
+    Raises NonFiniteLogits when a step's logits hold NaN or infinity (no answer could be trusted), after
+    zeroing the cache from `start` on (the failed turn's keys and values may be NaN).
     """
     if model.max_len == 0:
         raise ValueError("call model.setup_cache(max_len) before generate()")
@@ -364,6 +370,8 @@ def generate(model, tokens=None, embeds=None, start=0, max_new_tokens=64, temper
     for _ in range(max_new_tokens):
         logits = logits[:vocab_limit]
         if not torch.isfinite(logits).all():   # NaN or inf: no token can be chosen from these
+            for layer in model.layers:         # nor kept: a later turn at `start` must not meet this one
+                layer.self_attn.cache.forget(start)
             raise NonFiniteLogits(f"the model produced non-finite logits after {len(out)} new tokens")
         token = sample(logits, temperature, top_p, generator)
         if token in stop_ids:

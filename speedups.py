@@ -266,10 +266,12 @@ CPU_SWAPS = {
 # CUDA: the decode step and the prefill as graphs (5.)
 # ----------------------------------------------------------------------------------------------------
 
-def static_attention(attn, x, cos, sin, positions, mask):
+def static_attention(attn, x, cos, sin, positions, mask, real=None):
     """qwen2.Attention for T tokens at given positions, with every shape fixed.   x: (B, T, d) -> (B, T, d)
 
-    positions (T,) int64; mask (g*T, S) or (1, S): 0 where a query may see a cache slot, -inf elsewhere.
+    positions (T,) int64; mask (g*T, S) or (1, S): 0 where a query may see a cache slot, -inf elsewhere;
+    real (T, 1) bool, for a padded prompt: its real rows (the padding's k/v are cached as zeros, so that
+    no value of it can reach a later query, even one that is 0 * inf).
     The tokens' k/v go into their slots of the preallocated cache, and the queries attend to all
     S = max_len slots, masked (later slots hold nothing yet, or a discarded turn). Grouped-query attention
     without copying k/v per query head: the g = H / H_kv query heads sharing a k/v head become g * T
@@ -281,12 +283,15 @@ def static_attention(attn, x, cos, sin, positions, mask):
     k = attn.k_proj(x).view(B, T, H_kv, hd).transpose(1, 2)                # (B, H_kv, T, hd)
     v = attn.v_proj(x).view(B, T, H_kv, hd).transpose(1, 2)
     q, k = qwen2.apply_rope(q, cos, sin), qwen2.apply_rope(k, cos, sin)
+    if real is not None:
+        k, v = k.where(real, 0.0), v.where(real, 0.0)
     cache = attn.cache
     cache.k.index_copy_(2, positions, k)                                   # their slots of (B, H_kv, S, hd)
     cache.v.index_copy_(2, positions, v)
     q = q.reshape(B, H_kv, H // H_kv * T, hd)                              # head h = kv * g + j, as in GQA
     out = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask)   # (B, H_kv, g * T, hd)
-    out = out.view(B, H, T, hd).transpose(1, 2)                            # (B, T, H, hd)
+    out = out.reshape(B, H, T, hd).transpose(1, 2)                         # (B, T, H, hd); a GPU kernel's
+    #                                                                        output need not be contiguous
     return attn.o_proj(out.reshape(B, T, H * hd))
 
 
@@ -305,8 +310,9 @@ def static_forward(llm, x, start, last):
     later = torch.arange(S, device=x.device) > positions[:, None]          # (T, S): slots a row may not see
     mask = torch.zeros(T, S, dtype=x.dtype, device=x.device).masked_fill_(later, float("-inf"))
     mask = mask.repeat(llm.cfg.num_attention_heads // llm.cfg.num_key_value_heads, 1)   # (g * T, S)
+    real = None if T == 1 else (torch.arange(T, device=x.device) <= last)[:, None]    # (T, 1)
     for layer in llm.layers:                                               # DecoderLayer.forward, unrolled
-        x = x + static_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, positions, mask)
+        x = x + static_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, positions, mask, real)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return llm.lm_head(llm.norm(x.index_select(1, last)))
 
@@ -324,21 +330,34 @@ def capture_cuda_graph(fn):
     kernel choice must not happen during capture), then capture. A side effect of fn (here: a write
     into the KV cache) happens in those warm-up runs too.
     """
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
+    device = torch.cuda.current_device()
+    if device not in _capture_streams:     # one per device: cuBLAS keeps a workspace for every stream it sees
+        _capture_streams[device] = torch.cuda.Stream()
+    stream, current = _capture_streams[device], torch.cuda.current_stream()
+    stream.wait_stream(current)
     with torch.cuda.stream(stream):
         for _ in range(2):
             fn()
-    torch.cuda.current_stream().wait_stream(stream)
+    current.wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    try:
+        with torch.cuda.graph(graph, stream=stream):
+            out = fn()
+    finally:
+        torch.cuda.set_stream(current)     # also when ending the capture failed inside the `with`
     return graph.replay, out
+
+
+_capture_streams = {}
 
 
 # A prompt is padded to a multiple of this many tokens, so that one recorded prefill serves every prompt
 # of its length class (a first turn is the image's 256 tokens and a question; a follow-up, a few dozen).
+# Longer prompts than PREFILL_GRAPH_TOKENS (a whole conversation fed again, say) run the plain forward,
+# where launches are a small part of the work; at most PREFILL_GRAPHS recorded lengths are kept.
 PREFILL_BUCKET = 64
+PREFILL_GRAPH_TOKENS = 1024
+PREFILL_GRAPHS = 8
 
 
 class GraphedQwen2(qwen2.Qwen2):
@@ -363,7 +382,8 @@ class GraphedQwen2(qwen2.Qwen2):
         T = x.shape[1]
         width = T if T == 1 else -(-T // PREFILL_BUCKET) * PREFILL_BUCKET     # the padded length
         if (self.max_len == 0 or torch.is_grad_enabled() or (T > 1 and not last_only) or x.device != self.device
-                or self.device.type not in self.devices or not 0 <= start <= self.max_len - width):
+                or self.device.type not in self.devices or not 0 <= start <= self.max_len - width
+                or width > PREFILL_GRAPH_TOKENS):
             return super().forward(tokens, embeds, start, last_only)
         if embeds is None and T > 1:
             embeds = self.embed_tokens(tokens)
@@ -372,19 +392,25 @@ class GraphedQwen2(qwen2.Qwen2):
             graphs = self.__dict__.setdefault("_graphs", {})
             graph = graphs.get(name)
             if graph is None or graph["key"] != self._graph_key(x.shape[0]):
+                graphs.pop(name, None)
+                prefills = [n for n in graphs if n[0] == "prefill"]
+                if name[0] == "prefill" and len(prefills) >= PREFILL_GRAPHS:
+                    del graphs[prefills[0]]         # the least recently used (dicts keep their order)
                 try:
                     graph = graphs[name] = self._record(name, tokens if name[0] == "decode" else embeds)
-                except RuntimeError as e:
-                    self.devices = ()
-                    warnings.warn(f"recording a CUDA graph failed ({e}); running the plain forward instead")
+                except RuntimeError as e:           # speed lost, not the answer; tools/gpu_check.py reports it
+                    self.devices, self._graphs = (), {}
+                    warnings.warn(f"recording a CUDA graph failed ({type(e).__name__}: {e}); "
+                                  "running the plain forward instead")
                     return super().forward(tokens, embeds, start, last_only)
+            graphs[name] = graphs.pop(name)         # most recently used last
             if name[0] == "decode":
                 graph["input"].copy_(tokens)
             else:
                 graph["input"][:, :T].copy_(embeds)
                 graph["input"][:, T:].zero_()
+                graph["last"].fill_(T - 1)
             graph["start"].fill_(start)
-            graph["last"].fill_(T - 1)
             graph["replay"]()
             return graph["logits"].clone()          # the next replay overwrites graph["logits"]
 

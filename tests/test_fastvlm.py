@@ -231,6 +231,7 @@ def test_warm_up_pays_the_first_call_and_leaves_the_chat_as_it_was(small_folder)
     assert len(recorded) == 2                                     # the warm-up recorded prefill and decode
     needed = len(FV.turn_ids(tokenizer, "What is it?", first=True)) - 1 + model.vision_tower.cfg.num_tokens()
     assert model.llm.max_len >= needed + 1000                     # for the real turn, not for the warm-up's 2 tokens
+    assert model.llm.max_len % 64 == 0                            # attention kernels want aligned rows
     answer = chat.ask("What is it?", max_new_tokens=40)
     assert len(recorded) == 2                                     # and the timed turn recorded nothing
     assert answer == expected and chat.timing.encoder > 0 and chat.timing.new_tokens > 1

@@ -9,6 +9,7 @@ import platform
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torch.profiler import profile
 
@@ -348,16 +349,23 @@ def test_decode_step_equals_the_plain_forward_at_every_position():
         torch.testing.assert_close(layer_a.self_attn.cache.k, layer_b.self_attn.cache.k, rtol=1e-5, atol=1e-5)
 
 
+def plain_and_graphed(seed, prompt_tokens, cache, **generate):
+    """The same prompt through a small decoder, plainly and graphed: (plain's answer, graphed's, the graphed model)."""
+    plain = small_decoder(seed)
+    fast = graphed(plain)
+    prompt = torch.randint(0, 512, (1, prompt_tokens))
+    outs = []
+    for model in (plain, fast):
+        model.setup_cache(cache)
+        outs.append(Q.generate(model, tokens=prompt, **generate))
+    return outs[0], outs[1], fast
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_graphed_decoder_generates_the_eager_tokens(temperature):
-    plain = small_decoder(1)
-    fast = graphed(plain)
-    prompt = torch.randint(0, 512, (1, 11))
-    outs = []
-    for model in (plain, fast):
-        model.setup_cache(64)
-        outs.append(Q.generate(model, tokens=prompt, max_new_tokens=40, temperature=temperature, top_p=0.95, seed=5))
+    a, b, fast = plain_and_graphed(1, 11, 64, max_new_tokens=40, temperature=temperature, top_p=0.95, seed=5)
+    outs = [a, b]
     assert outs[0] == outs[1]
     assert len(set(outs[0][0])) > 5                         # a varied answer, not one repeated token
     assert ("decode",) in fast._graphs                      # and the graph path ran
@@ -433,6 +441,58 @@ def test_padded_prefill_graphs_answer_as_the_plain_model(lengths):
     for a, b in zip(plain.layers, fast.layers):
         torch.testing.assert_close(a.self_attn.cache.k[:, :, :end], b.self_attn.cache.k[:, :, :end],
                                    rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_static_forward_takes_a_gpu_kernels_output_layout(monkeypatch):
+    """CUDA's memory-efficient attention returns its output as a transposed view, not contiguous:
+    everything after it must reshape, never view. Simulated here with the CPU kernel's values."""
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **k: sdpa(*a, **k).transpose(1, 2).contiguous().transpose(1, 2))
+    a, b, fast = plain_and_graphed(10, 70, 256, max_new_tokens=12)
+    assert a == b and {("decode",), ("prefill", 128)} <= set(fast._graphs)
+
+
+@torch.no_grad()
+def test_no_nan_reaches_a_graph_through_masked_slots():
+    """The graphs read every cache slot, masked or not, and 0 * NaN is NaN: a failed turn's keys and
+    values are zeroed (generate forgets them), and a padded prompt's padding caches zeros."""
+    torch.manual_seed(7)
+    llm = graphed(Q.Qwen2(replace(DECODER, tie_word_embeddings=False)).init_weights(std=0.2).eval())
+    for layer in llm.layers:                                    # k/v biases, as Qwen2 has: a zero row's k/v
+        layer.self_attn.k_proj.bias.normal_(0, 0.2)             # is not zero
+        layer.self_attn.v_proj.bias.normal_(0, 0.2)
+    prompt = torch.randint(0, 512, (1, 5))
+    first = poisoned_after_first_token(llm, prompt)
+    with pytest.raises(Q.NonFiniteLogits):
+        Q.generate(llm, tokens=prompt, max_new_tokens=5)       # its NaN keys and values were cached
+    for layer in llm.layers:
+        assert torch.equal(layer.self_attn.cache.k, torch.zeros_like(layer.self_attn.cache.k))
+    llm.embed_tokens.weight[first] = 0.0                        # repaired: the next turn must be clean
+    plain = copy.deepcopy(llm)
+    plain.__class__ = Q.Qwen2
+    answers = []
+    for model in (plain, llm):
+        model.setup_cache(128)
+        answers.append(Q.generate(model, tokens=prompt, max_new_tokens=8))
+    assert answers[0] == answers[1]
+    for layer in llm.layers:                                    # the padding of the 5-token prompt: zeros
+        assert torch.equal(layer.self_attn.cache.k[:, :, 5 + 8:64], torch.zeros_like(layer.self_attn.cache.k[:, :, 5 + 8:64]))
+
+
+@torch.no_grad()
+def test_prefill_graphs_are_kept_for_a_few_lengths_only(monkeypatch):
+    """Each recorded length holds GPU memory: the least recently used goes; prompts longer than
+    PREFILL_GRAPH_TOKENS (a whole conversation fed again) are not recorded at all."""
+    monkeypatch.setattr(speedups, "PREFILL_GRAPHS", 3)
+    fast = graphed(small_decoder(12))
+    fast.setup_cache(1536)
+    for n in (10, 70, 130, 200, 10):                         # padded to 64, 128, 192, 256, then 64 again
+        fast(torch.randint(0, 512, (1, n)), start=0, last_only=True)
+    assert list(fast._graphs) == [("prefill", 192), ("prefill", 256), ("prefill", 64)]
+    fast(torch.randint(0, 512, (1, 1030)), start=0, last_only=True)
+    assert list(fast._graphs) == [("prefill", 192), ("prefill", 256), ("prefill", 64)]
 
 
 @torch.no_grad()

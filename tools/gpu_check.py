@@ -114,14 +114,17 @@ def compare(ctx, device, new, rows):
         logits = model.llm(embeds=embeds, last_only=True)[0, -1, :len(tokenizer)].float().cpu()
         greedy = decode_ids(model, embeds, new, len(tokenizer))
         sampled = decode_ids(model, embeds, new, len(tokenizer), temperature=0.8, seed=7)
-        rows[name] = {"logits": logits, "greedy": greedy, "sampled": sampled, "decoder": type(model.llm).__name__}
+        rows[name] = {"logits": logits, "greedy": greedy, "sampled": sampled, "decoder": type(model.llm).__name__,
+                      "graphs": sorted(map(str, getattr(model.llm, "_graphs", {}))),
+                      "graphs_failed": getattr(model.llm, "devices", None) == ()}
         del model
     ref = rows["reference: cpu fp32"]
     out = {}
     for name, r in rows.items():
         diff = (r["logits"] - ref["logits"]).abs().max().item() / ref["logits"].std().item()
         same = next((i for i, (a, b) in enumerate(zip(r["greedy"], ref["greedy"])) if a != b), len(ref["greedy"]))
-        out[name] = {"decoder": r["decoder"], "max_logit_diff_in_std": diff,
+        out[name] = {"decoder": r["decoder"], "graphs": r["graphs"], "graphs_failed": r["graphs_failed"],
+                     "max_logit_diff_in_std": diff,
                      "top1_equal": int(r["logits"].argmax()) == int(ref["logits"].argmax()),
                      "greedy_equal_prefix": same, "greedy_tokens": len(ref["greedy"]), "greedy": r["greedy"]}
     fast, plain = rows[f"{device.type} fp32"], rows[f"{device.type} fp32 plain"]
@@ -413,7 +416,8 @@ def main(argv=None):
     agree = report.get("agreement") or {}
     for name, r in agree.items():
         if isinstance(r, dict) and "max_logit_diff_in_std" in r:
-            print(f"{name} ({r['decoder']}): logits within {r['max_logit_diff_in_std']:.2e} std of the CPU's, "
+            print(f"{name} ({r['decoder']}, graphs {r['graphs'] or 'none'}"
+                  f"{', RECORDING FAILED' if r['graphs_failed'] else ''}): logits within {r['max_logit_diff_in_std']:.2e} std of the CPU's, "
                   f"top-1 {'equal' if r['top1_equal'] else 'DIFFERENT'}, greedy equal for "
                   f"{r['greedy_equal_prefix']} of {r['greedy_tokens']} tokens")
     if agree:
