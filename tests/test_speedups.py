@@ -349,9 +349,9 @@ def test_decode_step_equals_the_plain_forward_at_every_position():
         torch.testing.assert_close(layer_a.self_attn.cache.k, layer_b.self_attn.cache.k, rtol=1e-5, atol=1e-5)
 
 
-def plain_and_graphed(seed, prompt_tokens, cache, **generate):
+def plain_and_graphed(weights_seed, prompt_tokens, cache, **generate):
     """The same prompt through a small decoder, plainly and graphed: (plain's answer, graphed's, the graphed model)."""
-    plain = small_decoder(seed)
+    plain = small_decoder(weights_seed)
     fast = graphed(plain)
     prompt = torch.randint(0, 512, (1, prompt_tokens))
     outs = []
