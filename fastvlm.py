@@ -874,10 +874,10 @@ class Chat:
     def warm_up(self, question, max_new_tokens=256, temperature=0.0, top_p=1.0):
         """Pay a device's one-time costs on a turn that is then forgotten, so that the next ask() is timed
         in the steady state: on CUDA the first call of each kernel loads it and picks its algorithm (seconds
-        for the encoder), and the first prefill and decode steps record their graphs (speedups.GraphedQwen2). The cache
-        is sized for `question` and `max_new_tokens` first, as ask() will need it, so nothing is
-        reallocated (and recorded again) after; with the same sampling options, so that their kernels
-        are loaded too. Returns the seconds it took; the chat is as it was."""
+        for the encoder), and the first prefill and decode steps record their graphs
+        (speedups.GraphedQwen2). The cache is sized for `question` and `max_new_tokens` first, as ask()
+        will need it, so nothing is reallocated (and recorded again) after; with the same sampling
+        options, so that their kernels are loaded too. Returns the seconds it took; the chat is as it was."""
         start = time.perf_counter()
         saved = list(self.history), self.pos, self.image_embeds, self.stop_ids, self.timing
         self.reserve(question, max_new_tokens)

@@ -214,15 +214,13 @@ def single(args):
     chat = Chat(model, tokenizer, image, config, system=SYSTEM_PROMPT if args.system is None else args.system)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
-    warmed = []
-
     def ask(question):
         startup = None
-        if args.timing and device.type != "cpu" and not warmed:
+        if args.timing and device.type != "cpu" and not chat.history:
             # A GPU's first call pays one-time costs that would swamp the TTFT: pay them on a warm-up
-            # turn and report them apart. (On CPU a turn takes seconds and its first call costs little.)
+            # turn before the chat's first and report them apart. (On CPU a turn takes seconds and its
+            # first call costs little.)
             startup = chat.warm_up(question, args.max_new_tokens, args.temperature, args.top_p)
-            warmed.append(startup)
         if args.json:
             text = chat.ask(question, **options)
             print(json.dumps(answer_record(None, args.image, question, text, chat), ensure_ascii=False))

@@ -422,15 +422,17 @@ class GraphedQwen2(qwen2.Qwen2):
         return caches, weights, id(self.rope_cos), batch, self.max_len
 
     def _record(self, name, x):
-        device = self.device
-        if name[0] == "decode":
+        device, decode = self.device, name[0] == "decode"
+        if decode:                                  # the inputs, refilled before every replay
             inputs = torch.zeros(x.shape[0], 1, dtype=torch.long, device=device)
-            step = lambda: decode_step(self, inputs, start)                          # noqa: E731
         else:
             inputs = torch.zeros(x.shape[0], name[1], x.shape[2], dtype=x.dtype, device=device)
-            step = lambda: static_forward(self, inputs, start, last)                 # noqa: E731
         start = torch.full((1,), self.max_len - inputs.shape[1], dtype=torch.long, device=device)
         last = torch.zeros(1, dtype=torch.long, device=device)
+
+        def step():
+            return decode_step(self, inputs, start) if decode else static_forward(self, inputs, start, last)
+
         # The attention kernel is chosen while recording. Memory-efficient attention (or the plain math) is
         # known to record: cuDNN's attention is left out, since with a mask over more than 1,024 keys some
         # cuDNN versions cannot be captured (NVIDIA's TransformerEngine turns it off there for cuDNN 9.14).

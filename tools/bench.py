@@ -43,13 +43,19 @@ import speedups  # noqa: E402
 QUICK_VISION = R.FastViTHDConfig(depths=(1,) * 5, widths=(8, 16, 32, 64, 128), head_dim=8, image_size=128)
 
 
-def median_seconds(fn, runs, warmup=1):
+def median_seconds(fn, runs, warmup=1, device=None):
+    """Median wall time of fn() over `runs` after `warmup` calls; with a `device`, waiting for it to finish
+    its queued work before and after each run (a GPU's calls return before the work is done)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(runs):
+        if device is not None:
+            FV.synchronize(device)
         t = time.perf_counter()
         fn()
+        if device is not None:
+            FV.synchronize(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -388,12 +394,6 @@ def hf_fastvlm_ttft(folder, image, new, quick, device="cpu", dtype=torch.float32
         FV.synchronize(device)
         return time.perf_counter() - t, out
 
-    def timed(fn):
-        def run_synchronized():
-            fn()
-            FV.synchronize(device)
-        return median_seconds(run_synchronized, 1, 0)
-
     _, out = run(FV.first_turn(QUESTION), new)                 # (also the warm-up)
     answer = tokenizer.decode(out[0, -new:].tolist(), skip_special_tokens=False)
     follow_text = FV.first_turn(QUESTION) + answer + FV.next_turn(FOLLOW_UP)   # the whole chat again
@@ -405,8 +405,8 @@ def hf_fastvlm_ttft(folder, image, new, quick, device="cpu", dtype=torch.float32
         ttft = run(FV.first_turn(QUESTION), 1)[0]
         return {"ttft": ttft, "decode": run(FV.first_turn(QUESTION), new)[0] - ttft,
                 "follow_up": run(follow_text, 1)[0],
-                "encoder": timed(lambda: model.model.get_image_features(pixel_values=pixels)),
-                "prefill": timed(lambda: model.model.language_model(inputs_embeds=embeds))}
+                "encoder": median_seconds(lambda: model.model.get_image_features(pixel_values=pixels), 1, 0, device),
+                "prefill": median_seconds(lambda: model.model.language_model(inputs_embeds=embeds), 1, 0, device)}
     return one_run
 
 

@@ -56,20 +56,6 @@ from synthetic import SMALL_LLM, write_fastvlm_checkpoint  # noqa: E402
 QUESTION, FOLLOW_UP = bench.QUESTION, bench.FOLLOW_UP
 
 
-def synchronized_seconds(fn, device, runs, warmup=1):
-    """Median wall time of fn() over `runs`, waiting for the device before and after each."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        FV.synchronize(device)
-        t = time.perf_counter()
-        fn()
-        FV.synchronize(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def prompt_embeds(model, tokenizer, image):
     """The first turn's (1, T, d) input to the LLM, as Chat builds it."""
     pixels = FV.to_pixels(FV.square_rgb(image, model.image_size), model.llm.device, model.llm.dtype)
@@ -157,8 +143,8 @@ def time_ours(ctx, fast):
         turns.append((first, chat.timing.ttft))
     med = lambda f: statistics.median(f(t) for t in turns)  # noqa: E731
     embeds = prompt_embeds(model, tokenizer, ctx.image)
-    one = synchronized_seconds(lambda: decode_ids(model, embeds, 1, len(tokenizer)), device, ctx.runs)
-    many = synchronized_seconds(lambda: decode_ids(model, embeds, ctx.new, len(tokenizer)), device, ctx.runs)
+    one = bench.median_seconds(lambda: decode_ids(model, embeds, 1, len(tokenizer)), ctx.runs, device=device)
+    many = bench.median_seconds(lambda: decode_ids(model, embeds, ctx.new, len(tokenizer)), ctx.runs, device=device)
     out = {"startup_ms": startup * 1e3, "preprocess_ms": med(lambda t: t[0].preprocess) * 1e3,
            "encoder_ms": med(lambda t: t[0].encoder) * 1e3, "projector_ms": med(lambda t: t[0].projector) * 1e3,
            "prefill_ms": med(lambda t: t[0].prefill) * 1e3, "ttft_ms": med(lambda t: t[0].ttft) * 1e3,
@@ -184,10 +170,10 @@ def weight_bytes_per_token(llm):
 def encoder_layouts(model, tokenizer, ctx):
     """The encoder alone on the same pixels, NCHW (its weights as loaded) against channels-last."""
     pixels = FV.to_pixels(FV.square_rgb(ctx.image, model.image_size), ctx.device, model.llm.dtype)
-    nchw = synchronized_seconds(lambda: model.vision_tower(pixels), ctx.device, ctx.runs)
+    nchw = bench.median_seconds(lambda: model.vision_tower(pixels), ctx.runs, device=ctx.device)
     last = copy.deepcopy(model.vision_tower).to(memory_format=torch.channels_last)
     cl_pixels = pixels.contiguous(memory_format=torch.channels_last)
-    cl = synchronized_seconds(lambda: last(cl_pixels), ctx.device, ctx.runs)
+    cl = bench.median_seconds(lambda: last(cl_pixels), ctx.runs, device=ctx.device)
     return {"nchw_ms": nchw * 1e3, "channels_last_ms": cl * 1e3}
 
 
@@ -196,7 +182,7 @@ def copy_bandwidth(device):
     n = 2**29 if device.type == "cuda" else 2**25
     x = torch.empty(n, dtype=torch.bfloat16, device=device)
     y = torch.empty_like(x)
-    return 2 * x.numel() * x.element_size() / synchronized_seconds(lambda: y.copy_(x), device, 5)
+    return 2 * x.numel() * x.element_size() / bench.median_seconds(lambda: y.copy_(x), 5, device=device)
 
 
 def time_transformers(ctx):
