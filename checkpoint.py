@@ -7,10 +7,16 @@ Both halves of FastVLM load the same way, so the rules live here once:
 * `load_exact` copies a name -> tensor mapping into a module and fails on the *first* problem with one
   line that names the key: a tensor the module has no place for, a parameter the file does not fill,
   or a shape that disagrees. Nothing is skipped silently; a caller that wants to drop tensors (the
-  unused CLIP head of the vision tower) removes them by name before calling.
+  unused CLIP head of the vision tower) removes them by name before calling;
+* `safetensors_headers` gives every stored tensor's name, shape and dtype from the file headers, as
+  tensors on the meta device: fed to `load_exact` with a model built on the meta device, it checks a
+  whole checkpoint against its config before a byte of either is allocated or read;
+* `write_safetensors` is the one writer (train.py's checkpoints, tools/convert.py, the synthetic test
+  weights): the file gets the mode every other new file gets, not safetensors' owner-only 0o600.
 """
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -51,16 +57,38 @@ def safetensors_files(folder):
     raise CheckpointError(f"{folder} has no model.safetensors (or sharded index); point --model at a FastVLM folder")
 
 
-def safetensors_names(folder):
-    """The tensor names of every weight file of the folder, read from the headers (no tensor data)."""
-    names = []
+# safetensors' names of the element types (its header's "dtype" field) -> torch's.
+STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                 "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def safetensors_headers(folder):
+    """{name: tensor on the meta device with the stored shape and dtype} for every tensor of the folder's
+    files, read from the headers alone (no tensor data): what a loader compares with the model that the
+    config describes before it allocates anything, so that a config.json describing a far larger model
+    than its file is named, not attempted."""
+    stored = {}
     for path in safetensors_files(folder):
         try:
             with safe_open(str(path), framework="pt") as f:
-                names.extend(f.keys())
+                for name in f.keys():
+                    header = f.get_slice(name)
+                    kind = header.get_dtype()
+                    if kind not in STORED_DTYPES:
+                        raise CheckpointError(f"{path}: '{name}' is stored as {kind}, which this loader does not "
+                                              "read; convert the file to bfloat16 or float32")
+                    stored[name] = torch.empty(header.get_shape(), dtype=STORED_DTYPES[kind], device="meta")
+        except CheckpointError:
+            raise
         except Exception as e:  # safetensors raises its own types for truncated or non-safetensors files
             raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-download it") from None
-    return names
+    return stored
+
+
+def safetensors_names(folder):
+    """The tensor names of every weight file of the folder, read from the headers (no tensor data)."""
+    return list(safetensors_headers(folder))
 
 
 def iter_safetensors(folder, dtype=None):
@@ -126,3 +154,19 @@ def load_exact(module, tensors, where="checkpoint", file_names=None):
             shown = f"'{file_names[name]}' (ours: {name})" if name in file_names else f"'{name}'"
             raise CheckpointError(f"{part(name)}: missing tensor {shown} (shape {tuple(target.shape)}): "
                                   "the checkpoint is incomplete or for another model")
+
+
+def new_file_mode():
+    """The mode open() gives a new file: 0o666 less the umask."""
+    mask = os.umask(0o022)         # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_safetensors(tensors, path):
+    """name -> tensor into one safetensors file at `path`, with the mode of the folder's other files
+    (safetensors alone writes its files readable by their owner only, 0o600)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, new_file_mode())

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import time
+import unicodedata
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from tqdm import tqdm
 import qwen2
 import repmixer
 import speedups
-from checkpoint import CheckpointError, iter_safetensors, load_exact, read_safetensors, safetensors_names
+from checkpoint import CheckpointError, iter_safetensors, load_exact, read_safetensors, safetensors_headers
 
 # The `qwen_2` conversation template of Apple's llava/conversation.py.
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -297,34 +298,48 @@ class FastVLM(nn.Module):
         folder = resolve_model(folder)
         layout, vision_cfg, llm_cfg, config = model_config(folder)
         tokenizer = load_tokenizer(folder)
-        if len(tokenizer) > llm_cfg.vocab_size:
-            raise CheckpointError(f"{folder}: the tokenizer has {len(tokenizer):,} tokens but the model's embedding "
-                                  f"{llm_cfg.vocab_size:,} rows: they are not from the same model")
-        names = safetensors_names(folder)
+        check_tokenizer(folder, tokenizer, llm_cfg, config)
+        stored = safetensors_headers(folder)               # names, shapes and dtypes; no tensor data
+        names = list(stored)
         if not any(name.startswith(layout.vision) for name in names):
             raise CheckpointError(not_fastvlm_tensors(folder, names, layout))
         llm_cfg = tied_as_stored(llm_cfg, names)
         device = torch.device(device)
         with torch.device("meta"):                          # shapes only, no memory: filled below
-            model = allocate(cls(vision_cfg, llm_cfg), dtype, device)
+            model = cls(vision_cfg, llm_cfg)
+        shown = {name: layout.theirs(name, vision_cfg) for name in model.state_dict()}
+
+        def by_our_names(tensors):
+            for name, t in tensors:
+                ours = layout.ours(name, vision_cfg)
+                if ours is not None:
+                    shown[ours] = name
+                    yield ours, t
+
+        # Every stored name and shape against the model the config describes, and the model's size
+        # against the memory left, before anything is allocated: a config.json that describes a far
+        # larger model than its file is named by its first wrong key, not attempted.
+        load_exact(model, by_our_names(stored.items()), where=part_of, file_names=shown)
+        check_fits(folder, model, dtype, device)
+        try:
+            model = allocate(model, dtype, device)
+        except RuntimeError as e:   # the memory went to someone else since (CPU: "can't allocate memory")
+            if not isinstance(e, torch.OutOfMemoryError) and "allocate memory" not in str(e):
+                raise
+            raise CheckpointError(not_enough_memory(folder, model_bytes(model, dtype), None, dtype, device)) from None
         # One tensor at a time from the files into the parameters (on the device asked for): no second
         # copy of the model anywhere. Each tensor is checked for NaN/inf on the way (a pass over bytes
         # already in cache), so that a damaged checkpoint can be named when its answer breaks down.
-        shown = {name: layout.theirs(name, vision_cfg) for name in model.state_dict()}
         model.nonfinite_tensor = None
 
         def stream():
             for name, t in tqdm(iter_safetensors(folder, dtype), total=len(names), desc="loading", unit="tensor",
                                 disable=None if progress else True, leave=False):   # None: only on a terminal
-                ours = layout.ours(name, vision_cfg)
-                if ours is None:
-                    continue
-                shown[ours] = name
                 if model.nonfinite_tensor is None and t.is_floating_point() and not torch.isfinite(t).all():
                     model.nonfinite_tensor = name
-                yield ours, t
+                yield name, t
 
-        load_exact(model, stream(), where=part_of, file_names=shown)
+        load_exact(model, by_our_names(stream()), where=part_of, file_names=shown)
         model.layout = layout.name
         model.eval()                                        # already on `device`: allocated there
         if fold_batchnorm:
@@ -338,11 +353,55 @@ class FastVLM(nn.Module):
 # Reading model folders: config.json, official tensor names, the tokenizer files.
 # ----------------------------------------------------------------------------------------------------
 
+# A Hugging Face repo id as huggingface_hub validates one (utils/_validators.py): ORG/NAME, each of ASCII
+# letters, digits, '-', '_' and '.', starting and ending with a letter or digit, at most 96 characters.
+HUB_REPO_ID = re.compile(r"\b[\w\-.]{1,96}\b/\b[\w\-.]{1,96}\b", re.ASCII)
+
+
+def hub_repo_id(name):
+    """Whether `name`, not an existing folder, is to be looked up as a Hugging Face repo id: it has the
+    form ORG/NAME and nothing of it exists here. A name with a leading ./ or / or more than one slash is
+    a path; so is one whose first part is a folder here (`models/fastvlm-tiy` is a typo in a path,
+    `checkpoints/FastVLM-0.5B` with no `checkpoints` folder here may be either, and is looked up)."""
+    text = str(name)
+    if not HUB_REPO_ID.fullmatch(text) or "--" in text or ".." in text or text.endswith(".git"):
+        return False
+    try:
+        return not Path(text.split("/")[0]).exists()
+    except OSError:
+        return False
+
+
+def hub_cache():
+    """The Hugging Face cache folder, found as huggingface_hub finds it (constants.py): HF_HUB_CACHE,
+    else HUGGINGFACE_HUB_CACHE, else HF_HOME/hub, else XDG_CACHE_HOME/huggingface/hub, else
+    ~/.cache/huggingface/hub."""
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return Path(os.path.expandvars(os.path.expanduser(hub)))
+
+
+def near_miss(path):
+    """' (did you mean X?)' for a missing folder whose name is close to one beside it, else ''."""
+    import difflib
+    import itertools
+
+    parent = path.parent
+    try:
+        siblings = [p.name for p in itertools.islice(parent.iterdir(), 1000) if p.is_dir()]   # bounded
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, siblings, n=1, cutoff=0.8)
+    return f" (did you mean {parent / close[0]}?)" if close else ""
+
+
 def resolve_model(name):
     """A model folder from what a user typed: a local folder (it wins), or a Hugging Face repo id
-    `ORG/NAME` looked up in the local Hugging Face cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else
-    ~/.cache/huggingface/hub), downloaded with huggingface_hub (if installed) when it is not cached and
-    the hub is not offline (`HF_HUB_OFFLINE`)."""
+    `ORG/NAME` (see hub_repo_id) looked up in the local Hugging Face cache (see hub_cache), downloaded
+    there with huggingface_hub (if installed) when it is not cached and the Hub is not offline
+    (`HF_HUB_OFFLINE`). Anything else that is not a folder is "model folder not found", with no Hub
+    lookup; an ORG/NAME that is neither says both, why the Hub did not have it, and, when the Hub could
+    not be asked, the `hf download` command that fetches it."""
     if not str(name):
         raise CheckpointError("the model name is empty; pass a model folder or a Hugging Face repo id")
     path = Path(name)
@@ -355,34 +414,52 @@ def resolve_model(name):
     if exists:
         what = "a file" if is_file else "not a folder (a pipe, a device or a socket)"
         raise CheckpointError(f"{path} is {what}, not a model folder; point at the folder that holds config.json")
+    missing = f"model folder not found: {name}"
     repo = str(name)
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo) or repo.startswith("."):
-        raise CheckpointError(f"model folder not found: {path}")
-    hub = os.environ.get("HF_HUB_CACHE") or (Path(os.environ["HF_HOME"]) / "hub" if os.environ.get("HF_HOME")
-                                              else Path.home() / ".cache" / "huggingface" / "hub")
-    cached = Path(hub) / ("models--" + repo.replace("/", "--"))
+    if not hub_repo_id(repo):
+        why = near_miss(path)
+        if not why and HUB_REPO_ID.fullmatch(repo) and Path(repo.split("/")[0]).is_dir():   # ORG is here
+            why = (f" (a path, since {repo.split('/')[0]} is a folder here; an ORG/NAME is looked up as a "
+                   "Hugging Face repo id only where no such folder is)")
+        raise CheckpointError(f"{missing}{why}; pass the folder that holds config.json")
+    hub = hub_cache()
+    cached = hub / ("models--" + repo.replace("/", "--"))
     ref = cached / "refs" / "main"
     try:
         if ref.is_file() and (cached / "snapshots" / ref.read_text().strip()).is_dir():
             return cached / "snapshots" / ref.read_text().strip()
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"cannot read {repo} in the Hugging Face cache {hub} ({e}); check its permissions") from None
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    how = f"download it with `hf download {repo}` (pip install huggingface_hub)"
+    nor = f"{missing}, nor is {repo} a cached or downloadable Hugging Face Hub repo"
+    fetch = f"run `hf download {repo}` where the Hub can be reached, or pass the folder that holds the model"
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise CheckpointError(f"no folder {repo} here and {repo} is not in the Hugging Face cache ({hub}); "
-                              f"{how}, or pass the folder it is in") from None
+        raise CheckpointError(f"{nor} (it is not in the cache {hub}, and huggingface_hub is not installed to "
+                              f"download it); pip install huggingface_hub, then {fetch}") from None
+    offline = [v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")           # as huggingface_hub reads them
+               if os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")]
     if offline:
-        raise CheckpointError(f"no folder {repo} here and {repo} is not in the Hugging Face cache ({hub}) while "
-                              f"HF_HUB_OFFLINE is set; unset it to download, or {how} where you are online")
+        raise CheckpointError(f"{nor} (it is not in the cache {hub}, and {offline[0]} is set); unset it to "
+                              f"download, or {fetch}")
     try:
-        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
+        return Path(snapshot_download(repo, cache_dir=hub,     # where the lookup above and `hf download` look
+                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
     except Exception as e:  # huggingface_hub raises its own types for unknown repos and network failures
-        first = str(e).splitlines()[0] if str(e) else "no details"
-        raise CheckpointError(f"could not download {repo} from the Hugging Face Hub ({type(e).__name__}: "
-                              f"{first}); check the name and the network") from None
+        kinds = {c.__name__ for c in type(e).__mro__}
+        if "GatedRepoError" in kinds:
+            raise CheckpointError(f"{nor} (the Hub keeps it gated); accept its terms on "
+                                  f"https://huggingface.co/{repo} and log in with `hf auth login`, or pass the "
+                                  "folder that holds the model") from None
+        if kinds & {"RepositoryNotFoundError", "RevisionNotFoundError"}:
+            raise CheckpointError(f"{nor} (the Hub has no public repo {repo}); check the name, or pass the folder "
+                                  "that holds the model") from None
+        cause = e.__cause__ or e    # a network failure arrives wrapped in LocalEntryNotFoundError
+        reason = f"{type(cause).__name__}: {(str(cause).splitlines() or ['no details'])[0][:200]}"
+        unreachable = "LocalEntryNotFoundError" in kinds or isinstance(cause, (ConnectionError, TimeoutError)) \
+            or type(cause).__module__.split(".")[0] in ("httpx", "httpcore", "requests", "urllib3")
+        what = "the Hub could not be reached" if unreachable else "downloading it failed"
+        raise CheckpointError(f"{nor} (it is not in the cache {hub}, and {what}: {reason}); {fetch}") from None
 
 
 def read_config(folder):
@@ -390,8 +467,11 @@ def read_config(folder):
     path = Path(folder) / "config.json"
     try:
         if not path.is_file():
-            raise CheckpointError(f"{folder} has no config.json; point at a model folder")
+            raise CheckpointError(f"{folder} has no config.json, so it is not a model folder (or not a complete "
+                                  "one); point at the folder that holds config.json")
         config = json.loads(path.read_text(encoding="utf-8"))
+    except CheckpointError:        # a ValueError too, but not one of the JSON parser's
+        raise
     except OSError as e:
         raise CheckpointError(f"{path} is not readable ({e.strerror}); check its permissions") from None
     except (ValueError, RecursionError) as e:          # JSON and UTF-8 errors are ValueErrors
@@ -401,9 +481,88 @@ def read_config(folder):
     return config
 
 
+# What the loader does with each field of config.json: Apple's flat LLaVA-Qwen2 config, transformers'
+# `fast_vlm` config with its `text_config` and `vision_config` (tests/test_loading.py checks that every
+# field of the published configs is listed here, and each read or fixed field has a test where another
+# value changes what the user gets).
+#
+# Read: they decide the model.
+READ_FIELDS = (
+    "model_type",                    # the layout: llava_qwen2 (or none: Apple's) or fast_vlm; others refused
+    "text_config", "vision_config",  # fast_vlm: where the language model's and the tower's fields are
+    "fastvithd",                     # this project's full vision config, for towers other than the release's
+    "mm_vision_tower",               # Apple's: mobileclip_l_<size>, the release's tower at <size> px
+    "mm_projector_type", "mm_hidden_size",
+    "architecture",                  # vision_config: timm's fastvit_mci3
+    "image_seq_length", "projector_hidden_act", "multimodal_projector_bias",
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "rms_norm_eps", "rope_theta", "rope_parameters", "max_position_embeddings",
+    "tokenizer_model_max_length",    # the context, with max_position_embeddings (Chat.context)
+    "image_token_index",             # must be the tokenizer's <image> id (check_tokenizer)
+    "tie_word_embeddings",           # read, but the file decides: tied_as_stored
+    # The language model's, refused by qwen2.Qwen2Config.from_dict unless they describe the computation
+    # of qwen2.py (SiLU, plain RoPE, full attention in every layer, head_dim = hidden_size / heads):
+    "hidden_act", "rope_scaling", "use_sliding_window", "layer_types", "head_dim",
+)
+# Fixed: one value in every FastVLM; any other describes another model, which is refused rather than
+# run wrongly. (Where a field is absent, the value here is what Apple's and transformers' code assume.)
+FIXED_FIELDS = {
+    "image_aspect_ratio": "pad",               # the preprocessing of this file (Apple's `pad`)
+    "mm_patch_merge_type": "flat",             # the image tokens in one row
+    "mm_use_im_start_end": False,              # no <im_start>/<im_end> around the image
+    "mm_use_im_patch_token": False,            # no <im_patch> tokens
+    "vision_feature_select_strategy": "full",  # transformers: every image token (there is no CLS to drop)
+    "vision_feature_layer": -1,                # transformers: the tower's last feature map
+}
+# Ignored, and why that is right.
+IGNORED_FIELDS = {
+    "architectures": "model_type names the layout",
+    "auto_map": "transformers' trust_remote_code classes",
+    "transformers_version": "provenance",
+    "attention_dropout": "dropout, a training option (0.0 in every release)",
+    "bos_token_id": "Qwen2 adds no BOS token: the prompt starts with <|im_start|>",
+    "eos_token_id": "an answer stops at <|im_end|> or <|endoftext|>, found by name in the tokenizer (STOP_TOKENS)",
+    "pad_token_id": "padding of training batches",
+    "tokenizer_padding_side": "padding of training batches",
+    "initializer_range": "the initialisation of new weights",
+    "freeze_mm_mlp_adapter": "an option of Apple's trainer",
+    "tune_mm_mlp_adapter": "an option of Apple's trainer",
+    "mm_projector_lr": "an option of Apple's trainer",
+    "unfreeze_mm_vision_tower": "an option of Apple's trainer (its code builds the tower only when true; "
+                                "this one always does)",
+    "use_mm_proj": "the projector is always used",
+    "use_cache": "the KV cache is always used",
+    "image_grid_pinpoints": "only for image_aspect_ratio `anyres`, which is refused",
+    "sliding_window": "only with use_sliding_window, which must be false",
+    "max_window_layers": "only with use_sliding_window, which must be false",
+    "mm_vision_select_layer": "ignored by Apple's MobileCLIP tower too: it returns its last feature map",
+    "mm_vision_select_feature": "ignored by Apple's MobileCLIP tower too: every token is a patch token",
+    "torch_dtype": "the dtype the weights are stored in: any float dtype is read and cast to the one asked "
+                   "for (from_pretrained's dtype, infer.py's --dtype)",
+    "dtype": "transformers' name for torch_dtype",
+    "do_pooling": "timm's classifier head, which FastVLM never runs",
+    "global_pool": "timm's classifier head, which FastVLM never runs",
+    "num_classes": "timm's classifier head, which FastVLM never runs",
+    "label_names": "timm's classifier head, which FastVLM never runs",
+    "model_args": "timm's build options (inference_mode: the fused form, which the stored names give)",
+}
+
+
+def check_fixed_fields(config, text):
+    """Refuse a config whose FIXED_FIELDS describe another model, or whose text_config is not a Qwen2's."""
+    for field, value in FIXED_FIELDS.items():
+        if field in config and config[field] != value:
+            raise CheckpointError(f"config.json: {field} {config[field]!r} is not supported (every FastVLM has "
+                                  f"{value!r}): this is another model")
+    if text is not config and text.get("model_type", "qwen2") != "qwen2":
+        raise CheckpointError(f"config.json: text_config model_type {text['model_type']!r} is not supported "
+                              "(expected qwen2)")
+
+
 def model_config(folder):
     """(layout, vision config, Qwen2 config, config dict) of a model folder, the layout named by config.json:
-    transformers' `fast_vlm` (`text_config` and `vision_config` nested) or Apple's LLaVA-Qwen2 (flat)."""
+    transformers' `fast_vlm` (`text_config` and `vision_config` nested) or Apple's LLaVA-Qwen2 (flat).
+    See READ_FIELDS, FIXED_FIELDS and IGNORED_FIELDS for what each field does."""
     folder = Path(folder)
     packages = sorted(p.name for p in folder.glob("*.mlpackage"))
     if packages:
@@ -421,6 +580,7 @@ def model_config(folder):
     else:
         raise CheckpointError(f"config.json: model_type {kind!r} is not FastVLM (expected Apple's llava_qwen2 "
                               "or transformers' fast_vlm)")
+    check_fixed_fields(config, text)
     vision_cfg = vision_config(config)
     try:
         llm_cfg = qwen2.Qwen2Config.from_dict(text)
@@ -436,10 +596,11 @@ def vision_config(config):
     """The FastViTHD config named by config.json. Apple's layout names the tower `mobileclip_l_<size>` (the
     release at <size> px); transformers' names timm's `fastvit_mci3`, its size given by the number of
     image tokens. Folders of small models (train.py's, or converted from them) add a `fastvithd` entry
-    with the whole config."""
+    with the whole config, which the layout's other fields must agree with."""
+    custom = None
     if "fastvithd" in config:
         try:
-            return repmixer.FastViTHDConfig.from_dict(config["fastvithd"])
+            custom = repmixer.FastViTHDConfig.from_dict(config["fastvithd"])
         except (AttributeError, TypeError, ValueError) as e:
             raise CheckpointError(f"config.json: the 'fastvithd' entry is not a valid config ({e})") from None
     if config.get("model_type") == "fast_vlm":
@@ -449,21 +610,33 @@ def vision_config(config):
             raise CheckpointError(f"config.json: vision tower {arch!r} is not supported (expected fastvit_mci3)")
         if config.get("projector_hidden_act", "gelu") != "gelu" or not config.get("multimodal_projector_bias", True):
             raise CheckpointError("config.json: only the GELU projector with biases (mlp2x_gelu) is supported")
-        tokens = config.get("image_seq_length", 256)
+        tokens = config.get("image_seq_length", 256 if custom is None else custom.num_tokens())
         side = round(tokens ** 0.5) if isinstance(tokens, int) and tokens > 0 else 0
         if side * side != tokens:
             raise CheckpointError(f"config.json: image_seq_length {tokens!r} is not a square number of tokens")
-        return repmixer.FastViTHDConfig(image_size=64 * side)
-    tower = config.get("mm_vision_tower", "")
-    if not isinstance(tower, str) or not re.fullmatch(r"mobileclip_l_\d+", tower):
-        raise CheckpointError(f"config.json: vision tower {tower!r} is not supported (expected mobileclip_l_<size>)")
-    projector = config.get("mm_projector_type", "mlp2x_gelu")
-    if projector != "mlp2x_gelu":
-        raise CheckpointError(f"config.json: projector {projector!r} is not supported (expected mlp2x_gelu)")
-    cfg = repmixer.FastViTHDConfig(image_size=int(tower.rsplit("_", 1)[1]))
-    if config.get("mm_hidden_size", cfg.out_channels) != cfg.out_channels:
-        raise CheckpointError(f"config.json: mm_hidden_size {config['mm_hidden_size']!r} does not match the "
-                              f"vision tower's {cfg.out_channels} channels")
+        cfg = custom or repmixer.FastViTHDConfig(image_size=64 * side)
+        if cfg.num_tokens() != tokens:
+            raise CheckpointError(f"config.json: image_seq_length {tokens} does not match the vision tower's "
+                                  f"{cfg.num_tokens()} tokens")
+        hidden, what = vision.get("hidden_size", cfg.out_channels), "vision_config hidden_size"
+    else:
+        tower = config.get("mm_vision_tower", "")
+        if custom is not None:                           # the entry describes the tower; the name is a label
+            cfg = custom
+        elif isinstance(tower, str) and re.fullmatch(r"mobileclip_l_\d+", tower):
+            try:
+                cfg = repmixer.FastViTHDConfig(image_size=int(tower.rsplit("_", 1)[1]))
+            except ValueError as e:
+                raise CheckpointError(f"config.json: mm_vision_tower {tower!r}: {e}") from None
+        else:
+            raise CheckpointError(f"config.json: vision tower {tower!r} is not supported (expected mobileclip_l_<size>)")
+        projector = config.get("mm_projector_type", "mlp2x_gelu")
+        if projector != "mlp2x_gelu":
+            raise CheckpointError(f"config.json: projector {projector!r} is not supported (expected mlp2x_gelu)")
+        hidden, what = config.get("mm_hidden_size", cfg.out_channels), "mm_hidden_size"
+    if hidden != cfg.out_channels:
+        raise CheckpointError(f"config.json: {what} {hidden!r} does not match the vision tower's "
+                              f"{cfg.out_channels} channels")
     return cfg
 
 
@@ -616,6 +789,61 @@ def load_official(encoder, tensors, prefix=VISION_PREFIX):
     return encoder
 
 
+def check_tokenizer(folder, tokenizer, llm_cfg, config):
+    """The tokenizer must belong to the model: no more tokens than embedding rows, and the `<image>` id
+    of a config that names one (transformers' `image_token_index`) must be the tokenizer's."""
+    if len(tokenizer) > llm_cfg.vocab_size:
+        raise CheckpointError(f"{folder}: the tokenizer has {len(tokenizer):,} tokens but the model's embedding "
+                              f"{llm_cfg.vocab_size:,} rows: they are not from the same model")
+    index = config.get("image_token_index")
+    if index is not None and index != tokenizer.token_id(IMAGE):
+        raise CheckpointError(f"{folder}: config.json's image_token_index is {index!r} but the tokenizer's {IMAGE} "
+                              f"token is {tokenizer.token_id(IMAGE)!r}: they are not from the same model")
+
+
+def model_bytes(model, dtype=None):
+    """Bytes that `allocate(model, dtype)` takes for the weights: every parameter and stored buffer once
+    (a tied head is one tensor), floating ones in `dtype` (default: as they are), integer ones as they are."""
+    unique = {id(t): t for t in model.state_dict(keep_vars=True).values()}.values()
+    width = torch.empty((), dtype=dtype).element_size() if dtype is not None else None
+    return sum(t.numel() * (width if width and t.is_floating_point() else t.element_size()) for t in unique)
+
+
+def free_memory(device):
+    """Bytes a new allocation on `device` can still get, or None where this cannot be told: a GPU's free
+    memory; for the CPU (and Apple's GPUs, which share it) Linux's MemAvailable plus free swap."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return (int(fields["MemAvailable"].split()[0]) + int(fields.get("SwapFree", "0").split()[0])) * 1024
+    except (OSError, KeyError, ValueError, IndexError):    # not Linux: nothing to compare with
+        return None
+
+
+def size_text(n):
+    """Bytes for people: GiB from one GiB up, else MiB."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_fits(folder, model, dtype, device):
+    """Refuse, in one line, a model (built on the meta device) whose weights cannot fit in what `device`
+    has free; nothing is allocated before this check."""
+    need, free = model_bytes(model, dtype), free_memory(device)
+    if free is not None and need > free:
+        raise CheckpointError(not_enough_memory(folder, need, free, dtype, device))
+
+
+def not_enough_memory(folder, need, free, dtype, device):
+    """The line for a model that does not fit: its size, what is free, and how to make it smaller."""
+    dtype = dtype or torch.float32
+    where = f"the GPU ({device})" if device.type == "cuda" else "this machine"
+    has = "could not allocate it" if free is None else f"has {size_text(free)} free"
+    smaller = "load it in bfloat16 (--dtype bfloat16) or " if dtype.itemsize > 2 else ""
+    return (f"{folder}: the model needs {size_text(need)} in {str(dtype).removeprefix('torch.')} but {where} "
+            f"{has}; {smaller}use a machine with more memory")
+
+
 def allocate(model, dtype=None, device="cpu"):
     """A model built on the meta device -> the same model on `device` in `dtype`, its tensors allocated
     but not initialised (every one is filled by the loader). What to_empty() cannot keep is restored:
@@ -731,18 +959,34 @@ def load_llm(cfg, tensors, dtype=None, device="cpu"):
     cfg = tied_as_stored(cfg, tensors)
     with torch.device("meta"):                              # no time spent on a random init
         model = allocate(qwen2.Qwen2(cfg), dtype, device)
+    fill_llm(model, tensors)
+    return model.eval()
+
+
+def fill_llm(model, tensors):
+    """load_exact for a Qwen2 and HF-named tensors, errors naming the keys as the file does."""
     ours = {name.removeprefix("model."): value for name, value in tensors.items()}
     file_names = {name: name if name.startswith("lm_head.") else "model." + name for name in model.state_dict()}
     load_exact(model, ours, where="language model",
                file_names={**file_names, **{name.removeprefix("model."): name for name in tensors}})
-    return model.eval()
 
 
 def load_qwen2(folder, dtype=None, device="cpu"):
     """An HF-format Qwen2 folder (config.json + model.safetensors, or shards with an index), e.g. the
-    language model a new FastVLM starts from (train.py --init-llm)."""
-    return load_llm(qwen2.Qwen2Config.from_dict(read_config(folder)), read_safetensors(folder, dtype=dtype),
-                    dtype, device)
+    language model a new FastVLM starts from (train.py --init-llm). As in from_pretrained, the stored
+    names and shapes are checked against the config, and the size against the memory, before any tensor
+    is read or allocated."""
+    config = read_config(folder)
+    try:
+        cfg = qwen2.Qwen2Config.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder}/config.json: {e}; the file is damaged or not for this model") from None
+    stored = safetensors_headers(folder)
+    with torch.device("meta"):
+        skeleton = qwen2.Qwen2(tied_as_stored(cfg, stored))
+    fill_llm(skeleton, stored)
+    check_fits(folder, skeleton, dtype, torch.device(device))
+    return load_llm(cfg, read_safetensors(folder, dtype=dtype), dtype, device)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json",
@@ -837,6 +1081,28 @@ class Timing:
         return self.preprocess + self.encoder + self.projector + self.prefill
 
 
+# NFC, which Qwen2's tokenizer applies first, can shorten UTF-8 text at most 3 times: a character whose
+# canonical decomposition has three code points (U+0390, a Hangul syllable's three jamo) composes from 6
+# or 9 bytes into 2 or 3 (tests check every code point).
+NFC_MAX_SHRINK = 3
+
+
+def longest_token_bytes(tokenizer):
+    """The most bytes of UTF-8 text that one token of `tokenizer` can stand for (computed once, kept on
+    it). A byte-level BPE (Qwen2's) spells each byte as one character of its 256-character alphabet;
+    any other token (an added one, such as `<image>`) counts its text's UTF-8 length."""
+    longest = getattr(tokenizer, "longest_token_bytes", None)
+    if longest is None:
+        from tokenizers import pre_tokenizers
+
+        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+        added = {t.content for t in tokenizer.tok.get_added_tokens_decoder().values()}
+        longest = max(len(token) if token not in added and alphabet.issuperset(token) else len(token.encode("utf-8"))
+                      for token in tokenizer.tok.get_vocab(with_added_tokens=True))
+        tokenizer.longest_token_bytes = longest
+    return longest
+
+
 class Chat:
     """Questions about one image. The image is encoded once; every turn's tokens stay in the KV cache,
     so a follow-up question only prefills its own few tokens (`reuse_cache=False` recomputes the whole
@@ -857,8 +1123,38 @@ class Chat:
         self.pos = 0                  # next free cache position
         self.timing = Timing()
 
+    def check_question(self, question):
+        """Refuse a question that is empty, not text, or too long for what is left of the context, the
+        last from its UTF-8 length alone, before anything is tokenized: tokenizing takes about 100 bytes of
+        memory per byte of text, so a 20 MB question would peak at gigabytes before its token count could
+        refuse it. A token stands for at most `longest_token_bytes` bytes of the NFC-normalised text, so a
+        text of more bytes than that times the tokens left needs more tokens than are left; a question
+        that could fit is never refused here (the token count decides, in reserve)."""
+        if not question or question.isspace():
+            raise InputError("the question is empty; ask something about the image")
+        size = 0
+        for text, what in ((question, "the question"), (self.system, "the system prompt")):
+            try:
+                length = len(text) if text.isascii() else len(text.encode("utf-8"))   # ASCII: no copy
+            except UnicodeEncodeError:   # undecodable bytes (from a terminal or argv) arrive as surrogates
+                raise InputError(f"{what} is not valid UTF-8 text; check your terminal's encoding") from None
+            if text is question or not self.history:      # the system prompt is in the first turn only
+                size += length
+        left = self.context - len(self.history)
+        limit = left * longest_token_bytes(self.tokenizer)
+        texts = (question,) if self.history else (self.system, question)
+        if limit < size <= NFC_MAX_SHRINK * limit and not all(text.isascii() for text in texts):
+            # NFC may shorten the text (ASCII it leaves alone); short enough here to measure exactly
+            size = sum(len(unicodedata.normalize("NFC", text).encode("utf-8")) for text in texts)
+        if size > limit:
+            what = "the question" + ("" if self.history else " with the system prompt")
+            raise InputError(f"{what} is {size:,} bytes: more than the {left:,} tokens left in the model's "
+                             f"context can hold (a token stands for at most {longest_token_bytes(self.tokenizer)} "
+                             "bytes); ask a shorter question or start over")
+
     def reserve(self, question, max_new_tokens):
         """The ids of the next turn; the KV cache grown (keeping what it holds) to fit it and its answer."""
+        self.check_question(question)
         ids = turn_ids(self.tokenizer, question, first=not self.history, system=self.system)
         # the one <image> id (in this turn or in the history) stands for all the image's tokens
         needed = len(self.history) + len(ids) + self.model.vision_tower.cfg.num_tokens() - 1
@@ -891,13 +1187,7 @@ class Chat:
 
     @torch.no_grad()
     def ask(self, question, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, on_token=None):
-        if not question or not question.strip():
-            raise InputError("the question is empty; ask something about the image")
-        for text, what in ((question, "the question"), (self.system, "the system prompt")):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:   # undecodable bytes (from a terminal or argv) arrive as surrogates
-                raise InputError(f"{what} is not valid UTF-8 text; check your terminal's encoding") from None
+        self.check_question(question)                      # before the image is encoded, too
         model, device, t = self.model, self.model.llm.device, Timing()
         t.start(device)
         if self.image_embeds is None:

@@ -38,6 +38,11 @@ LIMITS = {"vocab_size": 2**22, "hidden_size": 2**16, "intermediate_size": 2**18,
 
 @dataclass(frozen=True)
 class Qwen2Config:
+    """The sizes of a Qwen2 decoder. Every field is read: the first six shape the weights,
+    `rms_norm_eps` goes inside each RMSNorm's square root, `rope_theta` is RoPE's base (Qwen2: 1e6, not
+    Llama's 10000), `max_position_embeddings` bounds the KV cache (setup_cache), `tie_word_embeddings`
+    makes the head share the embedding's tensor. head_dim is hidden_size / num_attention_heads."""
+
     vocab_size: int = 151936
     hidden_size: int = 896
     intermediate_size: int = 4864
@@ -72,12 +77,46 @@ class Qwen2Config:
 
     @classmethod
     def from_dict(cls, d):
-        """The Qwen2 fields of an HF (or LLaVA-Qwen2) config.json; the rest is ignored."""
+        """The Qwen2 fields of an HF (or LLaVA-Qwen2) config.json.
+
+        Keys that would make transformers' Qwen2 compute something this decoder does not are refused
+        (ValueError): an activation other than SiLU (`hidden_act`), scaled RoPE (`rope_scaling` /
+        `rope_parameters` of a type other than "default"), sliding-window attention (`use_sliding_window`,
+        or a `layer_types` entry other than "full_attention"), a `head_dim` other than hidden_size /
+        num_attention_heads. Every other key is ignored: ids and names (`bos_token_id`, `eos_token_id`,
+        `architectures`, `model_type`), settings of training or storage (`attention_dropout`,
+        `initializer_range`, `torch_dtype`, `use_cache`), `sliding_window` and `max_window_layers` (read
+        only with sliding windows on), and the `mm_*` / tokenizer keys, which fastvlm.py reads.
+        """
+        unsupported = cls.unsupported(d)
+        if unsupported:
+            raise ValueError(unsupported)
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in d.items() if k in names}
         if "rope_theta" not in values and "rope_theta" in (d.get("rope_parameters") or {}):
             values["rope_theta"] = d["rope_parameters"]["rope_theta"]   # newer transformers nest it
         return cls(**values)
+
+    @staticmethod
+    def unsupported(d):
+        """What in config dict `d` this decoder would compute differently from transformers' Qwen2, or None."""
+        if d.get("hidden_act", "silu") != "silu":
+            return f"hidden_act {d['hidden_act']!r} is not supported: Qwen2's MLP here is SiLU-gated ('silu')"
+        for key in ("rope_scaling", "rope_parameters"):        # older transformers: rope_scaling (or null)
+            rope = d.get(key)
+            kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else rope
+            if kind not in (None, "default"):
+                return f"{key} {rope!r} is not supported: only plain RoPE (rope_type 'default') is implemented"
+        layer_types = d.get("layer_types") or []
+        if d.get("use_sliding_window") or any(t != "full_attention" for t in layer_types):
+            return "sliding-window attention (use_sliding_window, layer_types) is not supported: every layer here " \
+                   "attends to the whole context, as in Qwen2's releases"
+        heads, width = d.get("num_attention_heads"), d.get("hidden_size")
+        if d.get("head_dim") is not None and isinstance(heads, int) and isinstance(width, int) and heads > 0 \
+                and d["head_dim"] != width // heads:
+            return f"head_dim {d['head_dim']!r} is not supported: it must be hidden_size / num_attention_heads " \
+                   f"({width // heads})"
+        return None
 
 
 QWEN2_0_5B = Qwen2Config()
@@ -322,21 +361,41 @@ class Qwen2(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 def sample(logits, temperature=0.0, top_p=1.0, generator=None):
-    """One token id from (vocab,) logits: argmax at temperature 0, else nucleus sampling."""
+    """One token id from (vocab,) logits: argmax at temperature 0, else nucleus sampling.
+
+    The draw is transformers' (the official FastVLM samples with its `generate`): softmax of the scores
+    that `nucleus` leaves, then one torch.multinomial draw; given the same random stream it picks the
+    same token."""
     if temperature < torch.finfo(torch.float32).tiny:     # 0, or so small it is 0 in float32: greedy
         return int(logits.argmax())
-    # Shifted so the largest logit is 0: a tiny temperature then sends the others to -inf (greedy in the
-    # limit) instead of overflowing every logit to inf and the probabilities to NaN.
-    logits = logits.float()
-    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
-        drop[0] = False                                   # even when top_p rounds to 0 in float32
-        sorted_p[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    probs = torch.softmax(nucleus(logits, temperature, top_p), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def nucleus(logits, temperature, top_p):
+    """The (vocab,) float32 scores a sample is drawn from: logits / temperature, and -inf for every token
+    outside the top-p nucleus, as transformers' TemperatureLogitsWarper and TopPLogitsWarper
+    (min_tokens_to_keep=1) leave them, computed the same way so that the same tokens are kept.
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches top_p. transformers
+    finds it from the other end: in ascending order of probability, a token is dropped while the
+    cumulative probability up to and including it is at most 1 - top_p. So a run of most likely tokens
+    whose probabilities sum to exactly top_p is kept, and every token after it dropped (the sums are
+    float32, the bound 1 - top_p is taken in float64 and compared in float32, as there). The most likely
+    token is always kept, however small top_p is.
+    """
+    scores = logits.float() / temperature
+    if scores.max().isinf():
+        # A temperature so small that the logits overflow: shifted so the largest logit is 0, the others
+        # go to -inf (greedy in the limit) instead of every probability turning NaN.
+        scores = (logits.float() - logits.max()) / temperature
+    if top_p < 1.0:
+        sorted_scores, order = scores.sort()              # ascending, as transformers sorts
+        sorted_probs = sorted_scores.softmax(-1)
+        drop = sorted_probs.cumsum(-1) <= 1 - top_p
+        drop[-1] = False                                  # the most likely token stays
+        scores = scores.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return scores
 
 
 class NonFiniteLogits(RuntimeError):
@@ -353,7 +412,10 @@ def generate(model, tokens=None, embeds=None, start=0, max_new_tokens=64, temper
     called as soon as each token is chosen (streaming). `vocab_limit` ignores logits past the
     tokenizer's length (padding rows of the embedding), as the official loader does by resizing.
     Raises NonFiniteLogits when a step's logits hold NaN or infinity (no answer could be trusted), after
-    zeroing the cache from `start` on (the failed turn's keys and values may be NaN).
+    zeroing the cache from `start` on (the failed turn's keys and values may be NaN). A +inf logit among
+    finite ones is refused too, not taken as the surest token: it is an overflow of the dtype (the head's
+    sum ran past float16's 65,504, say), whose true size, and its order among other infinite logits, is
+    lost; sampling from it would be NaN (inf - inf), and greedy argmax a guess.
     """
     if model.max_len == 0:
         raise ValueError("call model.setup_cache(max_len) before generate()")

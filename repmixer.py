@@ -43,6 +43,10 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class FastViTHDConfig:
+    """The encoder's shape. Every field is read where its comment says; `layer_scale_init` only sets the
+    layer scales a new model starts from (a loaded model's come from its checkpoint, or are folded into
+    its RepMixer kernels). `from_dict` refuses keys that are not fields."""
+
     depths: tuple = (2, 12, 24, 4, 2)        # blocks per stage
     widths: tuple = (96, 192, 384, 768, 1536)  # channels per stage; each downsample doubles them
     mixers: tuple = ("repmixer", "repmixer", "repmixer", "attention", "attention")

@@ -43,9 +43,11 @@ one process. The global batch is batch-size x processes x grad-accum.
 
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -60,7 +62,7 @@ import torch.nn.functional as F
 import fastvlm as FV
 import qwen2
 import repmixer
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, write_safetensors
 
 # The tiny model's architecture: FastViTHD's structure (5 stages, RepMixer then attention, final
 # expansion) at 256 px -> 4 x 4 = 16 visual tokens, and a 4-layer Qwen2. About 1.2 M parameters.
@@ -70,13 +72,20 @@ TINY_LLM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num
                 num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
 TINY_VOCAB = 384
 
-STAGES = {  # which parts learn, and the paper's learning rate
+STAGES = {  # which parts learn, and the peak learning rate (Sec. 4.1; LLaVA-1.5's scripts/v1_5/pretrain.sh
+            # trains the projector alone at 1e-3, scripts/v1_5/finetune.sh the model at 2e-5)
     "0": (("vision_tower", "mm_projector", "llm"), 1e-3),   # from scratch only: see the docstring
     "1": (("mm_projector",), 1e-3),
     "1.5": (("vision_tower", "mm_projector"), 2e-5),
     "2": (("vision_tower", "mm_projector", "llm"), 2e-5),
 }
 STATE = "training_state.pt"
+
+# Upper bounds of the options; each refusal names its bound and the reason for it.
+MAX_STEPS = 10_000_000       # a typo guard: at one step a second, about four months of training
+MAX_STEP_SAMPLES = 4096      # samples per process per step: a step's micro-batches are decoded and held together
+MAX_LENGTH = 32768           # Qwen2's context (max_position_embeddings in the released FastVLM configs)
+MAX_IMAGE_SIZE = 4096        # the largest side repmixer.FastViTHDConfig accepts: a checkpoint must load again
 
 
 class DataError(ValueError):
@@ -279,8 +288,9 @@ class StepBatches(torch.utils.data.Dataset):
     ahead of the training loop; everything about an item follows from its step, so a resumed run sees
     the same samples in the same order, with any number of workers.
 
-    A record whose image fails to decode is left out and counted with `skip`; otherwise the item carries
-    the error for the loop to report (an exception raised in a worker would arrive with its traceback)."""
+    A record whose image fails to decode is left out with `skip` (the item names it, so that the loop
+    counts each such record once however often it comes round); otherwise the item carries the error
+    for the loop to report (an exception raised in a worker would arrive with its traceback)."""
 
     def __init__(self, dataset, sampler, plan, first, last, pad_id, skip):
         self.dataset, self.sampler, self.plan, self.pad_id, self.skip = dataset, sampler, plan, pad_id, skip
@@ -300,14 +310,14 @@ class StepBatches(torch.utils.data.Dataset):
             self.orders = {epoch: list(self.sampler)}
         start = position * plan["per_step"] + j * plan["batch_size"]
         self.dataset.image_size = size_at(step, plan["total_steps"], plan["image_sizes"])
-        truncated, items, skipped = self.dataset.truncated, [], 0
+        truncated, items, skipped = self.dataset.truncated, [], []
         for i in self.orders[epoch][start:start + plan["batch_size"]]:
             try:
                 items.append(self.dataset[i])
             except DataError as e:
                 if not self.skip:
                     return {"error": str(e)}
-                skipped += 1
+                skipped.append(i)
         if not items:
             return {"error": "every record of a micro-batch had an image that failed to decode"}
         return {"batch": collate(items, self.pad_id), "skipped": skipped,
@@ -348,27 +358,29 @@ def model_from_state(state, tokenizer_folder):
 
 
 def initialise(args, records):
-    """(model, tokenizer, trained-from-scratch?) as --init / --init-llm / --init-vision ask."""
+    """(model, tokenizer, trained-from-scratch?, steps trained before) as --init / --init-llm /
+    --init-vision ask. A run folder's training state is read once (it holds the optimizer too: for the
+    0.5B model gigabytes)."""
     if args.init == "scratch":
         corpus = records
         for extra in args.tokenizer_data or []:
             corpus = corpus + load_records(extra)
         model, tokenizer = build_scratch(corpus)
-        return model, tokenizer, True
+        return model, tokenizer, True, 0
     if args.init:
         folder = Path(args.init)
         if (folder / STATE).is_file():
             state = load_state(folder / STATE)
             model, tokenizer = model_from_state(state, folder)
-            return model, tokenizer, not state["fused"]
+            return model, tokenizer, not state["fused"], state.get("prior_steps", 0) + state["step"]
         model, tokenizer, _ = FV.FastVLM.from_pretrained(folder, fold_batchnorm=False)
-        return model, tokenizer, False
+        return model, tokenizer, False, 0
     if args.init_llm and args.init_vision:
         llm = FV.load_qwen2(args.init_llm)
         vlm, _, config = FV.FastVLM.from_pretrained(args.init_vision, fold_batchnorm=False)
         model = FV.FastVLM(vlm.vision_tower.cfg, llm.cfg, fused=True)
         model.vision_tower, model.llm = vlm.vision_tower, llm
-        return model, FV.load_tokenizer(args.init_llm), False
+        return model, FV.load_tokenizer(args.init_llm), False, 0
     raise DataError("choose an initialisation: --init FOLDER, --init scratch, or --init-llm with --init-vision")
 
 
@@ -402,7 +414,8 @@ def load_state(path):
 
 
 def parse_sizes(text, vision_cfg):
-    """`--image-sizes 512,768,1024` -> [512, 768, 1024], each a positive multiple of the encoder's stride."""
+    """`--image-sizes 512,768,1024` -> [512, 768, 1024]: rising, each a positive multiple of the encoder's
+    stride and at most MAX_IMAGE_SIZE (64000 once reached PIL and failed there with a MemoryError)."""
     try:
         sizes = [int(t) for t in text.split(",")]
     except ValueError:
@@ -410,21 +423,55 @@ def parse_sizes(text, vision_cfg):
     bad = [n for n in sizes if n <= 0 or n % vision_cfg.stride]
     if bad:
         raise DataError(f"--image-sizes: {bad[0]} is not a positive multiple of the encoder's stride {vision_cfg.stride}")
+    big = [n for n in sizes if n > MAX_IMAGE_SIZE]
+    if big:
+        raise DataError(f"--image-sizes: {big[0]} is above {MAX_IMAGE_SIZE} px, the largest side a FastViTHD config "
+                        "accepts (a checkpoint trained at it could not be loaded); the released model runs at 1024")
+    if any(b <= a for a, b in zip(sizes, sizes[1:])):
+        raise DataError(f"--image-sizes {text}: the sizes must rise, one share of the steps each in order (stage "
+                        "1.5 trains at increasing resolutions), e.g. 512,768,1024")
     return sizes
 
 
+def cpu_count():
+    """The CPUs this process may run on (its affinity, where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def check_arguments(args):
-    """Options that cannot work, before anything is loaded or written."""
-    for name, value, low in (("--batch-size", args.batch_size, 1), ("--grad-accum", args.grad_accum, 1),
-                             ("--max-length", args.max_length, 32), ("--steps", args.steps, 1),
-                             ("--save-every", args.save_every, 0), ("--stop-after", args.stop_after, 1),
-                             ("--workers", args.workers, 0), ("--eval-every", args.eval_every, 0)):
+    """Options that cannot work, before anything is loaded or written. Every count has an upper bound
+    that names its limit and why (--workers 100000 once started about 1,600 processes and filled 24 GB)."""
+    cpus = cpu_count()
+    held = "a step's micro-batches are decoded and held in memory together"
+    typo = "a guard against typos: at one step a second that is about four months"
+    counts = (("--batch-size", args.batch_size, 1, MAX_STEP_SAMPLES, held),
+              ("--grad-accum", args.grad_accum, 1, MAX_STEP_SAMPLES, held),
+              ("--max-length", args.max_length, 32, MAX_LENGTH, "Qwen2's context, max_position_embeddings in the "
+                                                                "released configs"),
+              ("--steps", args.steps, 1, MAX_STEPS, typo), ("--save-every", args.save_every, 0, MAX_STEPS, typo),
+              ("--stop-after", args.stop_after, 1, MAX_STEPS, typo), ("--eval-every", args.eval_every, 0, MAX_STEPS, typo),
+              ("--workers", args.workers, 0, cpus, "the CPUs this process may use: each worker is a process that "
+                                                   "decodes on a core of its own, more only compete for cores and memory"),
+              ("--threads", args.threads, 1, cpus, "the CPUs this process may use: more threads only compete for them"))
+    for name, value, low, high, why in counts:
         if value is not None and value < low:
             raise DataError(f"{name} must be at least {low}" + (" (the prompt template alone takes about 25 tokens)"
                                                                  if name == "--max-length" else ""))
+        if value is not None and value > high:
+            raise DataError(f"{name} must be at most {high:,} ({why})")
+    if args.batch_size * args.grad_accum > MAX_STEP_SAMPLES:
+        raise DataError(f"--batch-size x --grad-accum must be at most {MAX_STEP_SAMPLES:,} samples per process per "
+                        f"step ({held}); use more processes for a larger global batch")
     for name, value in (("--lr", args.lr), ("--epochs", args.epochs), ("--clip", args.clip)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise DataError(f"{name} must be a finite number > 0")
+    if args.epochs > MAX_STEPS:
+        raise DataError(f"--epochs must be at most {MAX_STEPS:,} ({typo})")
+    if not (0 <= args.warmup <= 1):                 # (nan fails both comparisons)
+        raise DataError("--warmup is the fraction of the steps that warm up: a number from 0 to 1")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise DataError("--weight-decay must be a finite number >= 0 (AdamW shrinks each weight by lr x weight "
+                        "decay of itself every step)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; choose a folder")
@@ -450,31 +497,59 @@ def clean_leftovers(out):
                 left.rename(out)
 
 
+def write_errno(e):
+    """The system's error number behind a failed write, or None: an OSError's own, one further down the
+    chain (torch.save writing to a Python file raises a RuntimeError whose context is the OSError), or
+    the "(os error N)" that the Rust writers of safetensors and tokenizers put in their message."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        found = re.search(r"\(os error (\d+)\)", str(e))
+        if found:
+            return int(found.group(1))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def write_failure(e, doing, out):
+    """A one-line TrainingError for a write that failed (a full disk, a quota, `ulimit -f`, ...): what
+    happened, what to do, and what was kept; None when `e` is no failed write (a bug keeps its traceback)."""
+    number = write_errno(e) if isinstance(e, Exception) else None
+    if number is None:
+        return None
+    where = Path(out).parent
+    problem, fix = {errno.ENOSPC: (f"no space left on {where}", "free some space"),
+                    getattr(errno, "EDQUOT", -1): (f"the disk quota on {where} is used up", "free some space"),
+                    errno.EFBIG: (f"a file in {where} outgrew this process's file-size limit (ulimit -f)",
+                                  "raise the limit")}.get(number, (f"{where}: {os.strerror(number)}", "fix that"))
+    kept = (f" with --resume (the last checkpoint in {out} is intact)" if (Path(out) / STATE).is_file()
+            else " (nothing was kept: no checkpoint had been written)")
+    return TrainingError(f"{problem} while {doing}; {fix} and rerun{kept}")
+
+
 def save_checkpoint(out, model, tokenizer, config, state):
     """Write config + safetensors + tokenizer + training state to a temporary folder, then swap it in.
-    On any failure the temporary folder is removed and the previous checkpoint stays as it was."""
-    import errno
-
-    from safetensors.torch import save_file
-
+    On any failure the temporary folder is removed and the previous checkpoint stays as it was; a write
+    that failed (full disk, quota, file-size limit) becomes one line that says so."""
     out = Path(out)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
-        save_file(export_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(export_tensors(model), tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         FV.save_tokenizer(tokenizer, tmp)
-        torch.save(state, tmp / STATE)
+        with open(tmp / STATE, "wb") as f:   # through a Python file, whose failed write keeps its errno
+            torch.save(state, f)
         for extra in ("log.jsonl", "loss.png"):            # keep the run's log beside the newest weights
             if (out / extra).is_file():
                 shutil.copy(out / extra, tmp / extra)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e)
-        if full:
-            raise TrainingError(f"no space left on {out.parent} while saving the checkpoint; free some and "
-                                f"rerun with --resume" + (f" (the last checkpoint in {out} is intact)"
-                                                          if (out / STATE).is_file() else "")) from None
+        failure = write_failure(e, "saving the checkpoint", out)
+        if failure is not None:
+            raise failure from None
         raise
     old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
     if out.exists():
@@ -504,6 +579,11 @@ def use_grad_checkpoint(model, bn_train):
 
 
 def cosine_with_warmup(step, total, warmup):
+    """The learning rate of optimizer step `step` (0-based) as a fraction of the peak: a linear warm-up
+    over the first `warmup` steps, reaching the peak at step warmup - 1, then a cosine decay to 0 at step
+    `total` (LLaVA-1.5: --warmup_ratio 0.03 --lr_scheduler_type cosine, i.e. transformers'
+    get_cosine_schedule_with_warmup). One difference: transformers' warm-up starts at step / warmup, which
+    makes the first step a step at lr 0 that updates nothing; here it starts at (step + 1) / warmup."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -560,6 +640,11 @@ def full_state(model, optimizer):
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
 
 
+def for_loss(logits):
+    """Logits as the loss reads them: bf16 (autocast) upcast to float32; float64 kept (exact comparisons)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def step_loss(model, batches, average, world):
     """Run forward/backward over the micro-batches of one optimizer step; returns the mean loss.
 
@@ -580,7 +665,7 @@ def step_loss(model, batches, average, world):
         sync = i == len(batches) - 1
         with gradient_sync(model, world > 1 and not sync):
             logits, spread = model(pixels, ids, labels)
-            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), spread[:, 1:].flatten(),
+            ce = F.cross_entropy(for_loss(logits[:, :-1].flatten(0, 1)), spread[:, 1:].flatten(),
                                  ignore_index=-100, reduction="none").view(spread.shape[0], -1)
             if average == "token":
                 loss_sum = ce.sum()
@@ -589,7 +674,7 @@ def step_loss(model, batches, average, world):
                 loss_sum = (ce.sum(1) / n.clamp(min=1)).sum()
             (loss_sum * world / total).backward()
         loss_value += loss_sum.item()
-    reported = torch.tensor(loss_value)
+    reported = torch.tensor(loss_value, dtype=torch.float64)
     if world > 1:
         dist.all_reduce(reported)
     return (reported / total).item()
@@ -617,7 +702,7 @@ def evaluate(core, tokenizer, records, image_size, max_length, batch_size, devic
         for start in range(0, len(dataset), batch_size):
             pixels, ids, labels = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], 0)
             logits, spread = core(None if pixels is None else pixels.to(device), ids.to(device), labels.to(device))
-            total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), spread[:, 1:].flatten(),
+            total += F.cross_entropy(for_loss(logits[:, :-1].flatten(0, 1)), spread[:, 1:].flatten(),
                                      ignore_index=-100, reduction="sum").item()
             tokens += (spread[:, 1:] != -100).sum().item()
         right = asked = 0
@@ -666,17 +751,20 @@ def plot_losses(log_path, png_path=None):
     return fig
 
 
-def parse_args(argv):
+def build_parser():
+    """The command line; every option's help gives its default."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=sorted(STAGES), required=True)
+    p.add_argument("--stage", choices=sorted(STAGES), required=True,
+                   help="which parts learn, and the default learning rate (see above)")
     p.add_argument("--data", required=True, nargs="+", help="LLaVA-format data: JSON arrays or JSON lines, "
                    "one file or several (datasets mixed)")
     p.add_argument("--images", required=True, nargs="+", help="folder the records' image paths are relative to: "
                    "one for all data files, or one per file in the same order")
     p.add_argument("--eval-data", nargs="+", help="held-out LLaVA data, evaluated every --eval-every steps and "
-                   "at the end: loss, and exact match of short answers")
+                   "at the end: loss, and exact match of short answers (default: none)")
     p.add_argument("--eval-images", help="folder of the held-out images (default: the first --images)")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="evaluate every N steps, 0: at the end only (default: %(default)s)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer "
                    "state across the processes (PyTorch FSDP2) instead of a full copy on each (DDP)")
     p.add_argument("--grad-checkpoint", action="store_true",
@@ -684,36 +772,76 @@ def parse_args(argv):
     p.add_argument("--image-sizes", help="comma-separated image sizes for equal shares of the run, rising: "
                    "512,768,1024 trains the first third of the steps at 512 px (default: the model's size)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes that decode and preprocess "
-                   "ahead of the training loop (0: in the loop)")
+                   "ahead of the training loop, at most one per CPU; 0: in the loop (default: %(default)s)")
     p.add_argument("--skip-missing-images", action="store_true",
                    help="leave out (and count) records whose image is missing or unreadable, instead of stopping")
     p.add_argument("--out", required=True, help="output folder (a FastVLM checkpoint + training state)")
-    p.add_argument("--init", help="FOLDER to fine-tune or continue, or 'scratch' for a tiny model")
-    p.add_argument("--init-llm", help="HF Qwen2 folder for the language model (with --init-vision)")
-    p.add_argument("--init-vision", help="FastVLM folder whose vision tower to use (with --init-llm)")
+    p.add_argument("--init", help="FOLDER to fine-tune or continue, or 'scratch' for a tiny model (no default: "
+                   "give it, or --init-llm with --init-vision, unless --resume)")
+    p.add_argument("--init-llm", help="HF Qwen2 folder for the language model, with --init-vision (default: none)")
+    p.add_argument("--init-vision", help="FastVLM folder whose vision tower to use, with --init-llm (default: none)")
     p.add_argument("--tokenizer-data", nargs="*", help="with --init scratch: more LLaVA JSONs whose texts the "
-                   "tokenizer is trained on (the data of later stages), besides --data")
+                   "tokenizer is trained on (the data of later stages), besides --data (default: none)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its training state")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the paper's for the stage)")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=16, help="per process, per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--warmup", type=float, default=0.03, help="fraction of steps with linear warm-up")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--clip", type=float, default=1.0, help="max gradient norm")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the stage's: "
+                   + ", ".join(f"{stage} {lr:g}" for stage, (_, lr) in STAGES.items()) + ")")
+    p.add_argument("--epochs", type=float, default=1.0,
+                   help="passes over the data, fractions allowed; LLaVA-1.5 trains each stage for one "
+                   "(default: %(default)s)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: as many as --epochs gives)")
+    p.add_argument("--batch-size", type=int, default=16, help="samples per process, per micro-batch "
+                   "(default: %(default)s)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step; the global batch "
+                   "is batch-size x processes x grad-accum (default: %(default)s)")
+    p.add_argument("--warmup", type=float, default=0.03, help="fraction of the steps with a linear warm-up "
+                   "(default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay "
+                   "(default: %(default)s, as LLaVA-1.5)")
+    p.add_argument("--clip", type=float, default=1.0, help="max gradient norm (default: %(default)s)")
     p.add_argument("--loss-average", choices=["token", "sample"], default="token",
-                   help="normalise by answer tokens (LLaVA) or give every sample equal weight")
-    p.add_argument("--max-length", type=int, default=2048, help="longer samples are truncated and counted")
+                   help="normalise by answer tokens (LLaVA) or give every sample equal weight (default: %(default)s)")
+    p.add_argument("--max-length", type=int, default=2048, help="longer samples are truncated and counted "
+                   "(default: %(default)s)")
     p.add_argument("--bn", choices=["auto", "train", "eval"], default="auto",
-                   help="BatchNorm statistics in the encoder: auto = train from scratch, eval when fine-tuning")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
-    p.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after N steps, for --resume")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+                   help="BatchNorm statistics in the encoder: auto = train from scratch, eval when fine-tuning "
+                   "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="starting state of the random number generators: a "
+                   "scratch model's initial weights and the data order (default: %(default)s)")
+    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps, 0: at the end only "
+                   "(default: %(default)s)")
+    p.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after N steps, for --resume "
+                   "(default: run to the end)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA where there is a GPU, else the CPU (default: %(default)s)")
+    p.add_argument("--threads", type=int, help="CPU threads, at most one per CPU (torch.set_num_threads; "
+                   "default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the log and the last lines stay)")
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
+
+
+def trim_log(path, last):
+    """On --resume: keep the log rows up to global step `last`, the checkpoint's. A run that stopped
+    after logging steps it did not save (killed, a failed save) logs them again when resumed; a line cut
+    short by a kill goes too. Rewritten whole and swapped in, only when something must go."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not (isinstance(row, dict) and isinstance(row.get("global_step"), int) and row["global_step"] > last):
+            kept.append(line)
+    if kept != lines:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
 
 
 def gpu_memory(device):
@@ -741,6 +869,7 @@ def main(argv=None):
 
 @torch.enable_grad()            # whatever the caller's grad mode (a notebook or a test may have turned it off)
 def train(args, world, rank):
+    check_arguments(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
@@ -754,7 +883,6 @@ def train(args, world, rank):
     out = Path(args.out)
     if args.resume and not (out / STATE).is_file():
         raise DataError(f"--resume: {out / STATE} not found; start without --resume")
-    check_arguments(args)
     if args.fsdp and world < 2:
         raise DataError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N (N >= 2)")
     if args.fsdp and args.eval_data:
@@ -773,18 +901,18 @@ def train(args, world, rank):
         model, tokenizer = model_from_state(state, out)
         from_scratch = not state["fused"]
         base_config = FV.read_config(out)
+        trim_log(out / "log.jsonl", state.get("prior_steps", 0) + state["step"])
     else:
         if out.exists() and any(out.iterdir()):
             raise DataError(f"{out} exists and is not empty; choose a new --out or pass --resume")
-        model, tokenizer, from_scratch = initialise(args, records)
+        model, tokenizer, from_scratch, init_steps = initialise(args, records)
         base_config = FV.read_config(args.init) if (args.init and args.init != "scratch") else {}
         state = None
     model.to(device)
     bn_train = {"auto": from_scratch, "train": True, "eval": False}[args.bn]
     bn_train = bn_train and "vision_tower" in STAGES[args.stage][0]          # a frozen encoder runs in eval
     set_trainable(model, args.stage, bn_train)
-    if args.grad_checkpoint:
-        use_grad_checkpoint(model, bn_train)
+    checkpointed = use_grad_checkpoint(model, bn_train) if args.grad_checkpoint else 0
     if world > 1 and bn_train and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     core = model
@@ -804,6 +932,9 @@ def train(args, world, rank):
         raise DataError(f"{' '.join(args.data)}: {len(records)} records are fewer than one global batch "
                         f"({per_step * world}); lower --batch-size or --grad-accum")
     total_steps = args.steps or max(1, int(args.epochs * steps_per_epoch))
+    if total_steps > MAX_STEPS:
+        raise DataError(f"--epochs {args.epochs:g} gives {total_steps:,} steps, more than {MAX_STEPS:,} (a guard "
+                        "against typos: at one step a second that is about four months)")
     image_sizes = parse_sizes(args.image_sizes, core.vision_tower.cfg) if args.image_sizes else (
         state.get("image_sizes") if state is not None and state.get("image_sizes") else [core.image_size])
     params = [p for p in core.parameters() if p.requires_grad]
@@ -825,9 +956,8 @@ def train(args, world, rank):
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         step, prior_steps = state["step"], state.get("prior_steps", 0)
-    elif args.init and args.init != "scratch" and (Path(args.init) / STATE).is_file():
-        prior = load_state(Path(args.init) / STATE)
-        prior_steps = prior.get("prior_steps", 0) + prior["step"]
+    else:
+        prior_steps = init_steps            # the steps of the run --init continues (0 for a new model)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     pad_id = tokenizer.token_id("<|endoftext|>") or 0
 
@@ -841,13 +971,19 @@ def train(args, world, rank):
         out.mkdir(parents=True, exist_ok=True)
         previous_log = Path(args.init or "") / "log.jsonl"
         if state is None and args.init not in (None, "scratch") and previous_log.is_file():
-            shutil.copy(previous_log, out / "log.jsonl")   # one log (and loss curve) across the stages
+            try:                                           # one log (and loss curve) across the stages
+                shutil.copy(previous_log, out / "log.jsonl")
+            except OSError as e:
+                raise (write_failure(e, f"copying {previous_log}", out) or e) from None
         trainable = sum(p.numel() for p in params)
         print(summary, file=sys.stderr)
+        n = torch.get_num_threads()      # shown when chosen: --threads (else torch's default, machine-dependent)
+        threads = f" ({n} thread{'s' if n > 1 else ''})" if args.threads and device.type == "cpu" else ""
         print(f"stage {args.stage}: training {trainable:,} of {sum(p.numel() for p in core.parameters()):,} "
               f"parameters, {total_steps} steps of {per_step * world} samples, lr {lr:g}, {world} process(es) "
-              f"on {device.type}, encoder in {'training' if from_scratch else 'fused'} form, "
-              f"BatchNorm {'train' if bn_train else 'eval'}", file=sys.stderr)
+              f"on {device.type}{threads}, encoder in {'training' if from_scratch else 'fused'} form, "
+              f"BatchNorm {'train' if bn_train else 'eval'}"
+              + (f", activation checkpointing in {checkpointed} blocks" if checkpointed else ""), file=sys.stderr)
         if not args.no_progress:
             from tqdm import tqdm
             progress = tqdm(total=total_steps, initial=step, desc=f"stage {args.stage}", dynamic_ncols=True)
@@ -870,7 +1006,15 @@ def train(args, world, rank):
                 "rng": torch.get_rng_state(), "step": step, "prior_steps": prior_steps, "stage": args.stage,
                 "fused": not from_scratch,        # training form from scratch, official (fused) form otherwise
                 "vision_cfg": asdict(core.vision_tower.cfg), "llm_cfg": asdict(core.llm.cfg), "seed": args.seed,
-                "image_sizes": image_sizes}
+                "image_sizes": image_sizes, "decode_failed": sorted(decode_failed)}
+
+    def append_log(row):
+        """One row of log.jsonl (reopened each time: a checkpoint swaps the folder); a failed write is one line."""
+        try:
+            with open(out / "log.jsonl", "a") as log:
+                log.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise (write_failure(e, f"writing {out / 'log.jsonl'}", out) or e) from None
 
     def run_eval():
         """Held-out loss and exact match, logged beside the training loss (rank 0; the others wait)."""
@@ -878,10 +1022,8 @@ def train(args, world, rank):
             core.vision_tower.cfg = replace(core.vision_tower.cfg, image_size=image_size[0])
             loss, exact, asked = evaluate(core, tokenizer, held_out, image_size[0], args.max_length,
                                           args.batch_size, device)
-            row = {"stage": args.stage, "step": step, "global_step": prior_steps + step, "eval_loss": loss,
-                   "eval_exact": exact, "eval_asked": asked}
-            with open(out / "log.jsonl", "a") as log:
-                log.write(json.dumps(row) + "\n")
+            append_log({"stage": args.stage, "step": step, "global_step": prior_steps + step, "eval_loss": loss,
+                        "eval_exact": exact, "eval_asked": asked})
             shown = "" if exact is None else f", exact match {exact:.1%} of {asked} short answers"
             (progress.write if progress is not None else lambda m: print(m, file=sys.stderr))(
                 f"step {step}: held-out loss {loss:.4f}{shown}")
@@ -903,11 +1045,20 @@ def train(args, world, rank):
                                 make_state(model_state, optimizer_state))
             else:
                 save_checkpoint(out, core, tokenizer, config_dict(core, base_config), make_state())
-            plot_losses(out / "log.jsonl", out / "loss.png") if (out / "log.jsonl").is_file() else None
+            if (out / "log.jsonl").is_file():
+                try:
+                    plot_losses(out / "log.jsonl", out / "loss.png")
+                except OSError as e:        # the plot is a convenience; the checkpoint beside it is complete
+                    (out / "loss.png").unlink(missing_ok=True)
+                    print(f"note: {out / 'loss.png'} not written ({os.strerror(e.errno) if e.errno else e})",
+                          file=sys.stderr)
         if world > 1:
             dist.barrier()
 
     announced, truncated = False, [0]
+    # records whose image passed the check at the start but failed to decode (--skip-missing-images): a
+    # set, since such a record comes round again every epoch
+    decode_failed = set(state.get("decode_failed", [])) if state is not None else set()
     plan = {"grad_accum": args.grad_accum, "batch_size": args.batch_size, "per_step": per_step,
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "image_sizes": image_sizes}
     image_size = [size_at(step, total_steps, image_sizes)]
@@ -928,7 +1079,7 @@ def train(args, world, rank):
                         checkpoint()
                     raise DataError(f"{failed}; fix the image or pass --skip-missing-images, then rerun"
                                     + (f" with --resume (step {step} is saved in {out})" if step > 0 else ""))
-                counts["images skipped"] += sum(m["skipped"] for m in micro)
+                decode_failed.update(i for m in micro for i in m["skipped"])
                 truncated[0] += sum(m["truncated"] for m in micro)
                 image_size[0] = micro[0]["image_size"]
                 batches = [m["batch"] for m in micro]
@@ -945,6 +1096,7 @@ def train(args, world, rank):
                     kept = f"the last checkpoint in {out} is from before it" if (out / STATE).is_file() else "no checkpoint was written"
                     raise TrainingError(f"the loss or the gradient norm became non-finite at step {step + 1} (lr "
                                         f"{scheduler.get_last_lr()[0]:g}); {kept}; lower --lr")
+                lr_used = scheduler.get_last_lr()[0]         # this step's, logged beside its loss
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
@@ -952,16 +1104,13 @@ def train(args, world, rank):
                 compute_s = time.perf_counter() - t0
                 rate = per_step * world / (time.perf_counter() - t_data)     # data time included
                 if rank == 0:
-                    lr_now = scheduler.get_last_lr()[0]
-                    with open(out / "log.jsonl", "a") as log:   # reopened: a checkpoint swaps the folder
-                        log.write(json.dumps({"stage": args.stage, "step": step, "global_step": prior_steps + step,
-                                              "epoch": (step - 1) // steps_per_epoch, "loss": loss, "lr": lr_now,
-                                              "grad_norm": grad_norm, "samples_per_s": rate,
-                                              "data_s": t0 - t_data, "compute_s": compute_s,
-                                              "image_size": image_size[0], **gpu_memory(device)}) + "\n")
+                    append_log({"stage": args.stage, "step": step, "global_step": prior_steps + step,
+                                "epoch": (step - 1) // steps_per_epoch, "loss": loss, "lr": lr_used,
+                                "grad_norm": grad_norm, "samples_per_s": rate, "data_s": t0 - t_data,
+                                "compute_s": compute_s, "image_size": image_size[0], **gpu_memory(device)})
                     if progress is not None:
                         progress.update(1)
-                        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}", samples_s=f"{rate:.1f}")
+                        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_used:.2e}", samples_s=f"{rate:.1f}")
                 if held_out and args.eval_every and step % args.eval_every == 0 and step < total_steps:
                     run_eval()
                 if args.save_every and step % args.save_every == 0 and step < stop_at:
@@ -969,25 +1118,37 @@ def train(args, world, rank):
         except KeyboardInterrupt:
             interrupted()
 
-    fresh = state is None and not out.exists()     # a run that fails before its first checkpoint leaves no folder
+    # A new run that fails before its first checkpoint (bad data mid-run, a NaN, a full disk at the final
+    # save, Ctrl-C) leaves --out as it found it: absent, or empty. A log.jsonl alone would block both a
+    # rerun (the folder is not empty) and --resume (there is no state).
+    existed = out.exists()
     try:
         train_loop()
+        if progress is not None:
+            progress.close()
+        if held_out and step == total_steps:
+            run_eval()
+        checkpoint()
     except BaseException:
-        if fresh and rank == 0 and not (out / STATE).is_file():
+        if state is None and rank == 0 and not (out / STATE).is_file():
             shutil.rmtree(out, ignore_errors=True)
+            if existed:
+                out.mkdir()
         raise
-    if progress is not None:
-        progress.close()
-    if held_out and step == total_steps:
-        run_eval()
-    checkpoint()
+    if world > 1 and args.skip_missing_images:       # each process met its own share of the records
+        shares = [None] * world
+        dist.all_gather_object(shares, sorted(decode_failed))
+        decode_failed.update(i for share in shares for i in share)
     if rank == 0:
         if truncated[0]:
             print(f"note: {truncated[0]} samples were longer than --max-length {args.max_length} "
                   "and were truncated", file=sys.stderr)
-        if counts["images skipped"]:
-            print(f"note: {counts['images skipped']} records were left out: their image is missing or unreadable",
-                  file=sys.stderr)
+        left_out = counts["images skipped"] + len(decode_failed)
+        if left_out:   # the records, each once: the start's "images skipped" plus those that failed later
+            why = ([f"{counts['images skipped']} skipped at the start (image missing or unreadable)"]
+                   if counts["images skipped"] else [])
+            why += [f"{len(decode_failed)} whose image failed to decode during training"] if decode_failed else []
+            print(f"note: {left_out} records were left out: {' and '.join(why)}", file=sys.stderr)
         print(f"wrote {out} (step {step} of {total_steps})", file=sys.stderr)
     return 0
 

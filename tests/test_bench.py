@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ ROOT = Path(__file__).parent.parent
 
 
 def test_bench_quick_runs_every_section(tmp_path):
+    import bench
+
     run = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "all", "--quick", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -18,7 +21,27 @@ def test_bench_quick_runs_every_section(tmp_path):
                     "where the time goes", "OMP_WAIT_POLICY", "batch mode:"):
         assert heading in out, heading
     assert "| ours |" in out and "| transformers |" in out           # the decoder reference ran
+    # Quick mode says that its numbers are not measurements, first and last, and prints none that look
+    # like bugs: no rate from two medians subtracted (once 7,000,000,000 tokens/s), no 0.0 GFLOP rows.
+    assert out.startswith(bench.QUICK_BANNER) and out.rstrip().endswith(bench.QUICK_BANNER)
+    rate = r"([\d.]+|too short to time)"
+    rates = (re.findall(rf"^\| (?:ours|transformers) \| [\d.]+ \| {rate} \|", out, re.M)      # decoder
+             + re.findall(rf"^\| [12] \| \S+ \| {rate} \|$", out, re.M))                         # threads
+    assert len(rates) == 6, out
+    assert all(r == "too short to time" or float(r) < 1e6 for r in rates), rates
+    assert not re.search(r"\| 0\.0 \|", out), out
     assert (tmp_path / "encoder_scaling.png").stat().st_size > 1000
+
+
+def test_a_rate_from_too_short_an_interval_is_not_printed_as_a_number():
+    """Two medians subtracted can leave nothing, or less than nothing: the rate is then 'too short to
+    time', not 1 / 1e-9."""
+    import bench
+
+    assert bench.rate_per_s(31, 0.5) == 62.0
+    assert bench.rate_per_s(31, 0.0) is None and bench.rate_per_s(31, -0.01) is None
+    assert bench.shown_rate(None) == "too short to time" and bench.shown_rate(62.04) == "62.0"
+    assert bench.gflop(3.2e6) == "0.0032" and bench.gflop(690e9) == "690"
 
 
 def test_breakdown_rows_cover_every_flop_once():

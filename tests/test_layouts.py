@@ -4,6 +4,7 @@ transformers itself), conversions both ways, folders that cannot work, and model
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -194,7 +195,7 @@ def test_model_by_repo_id_from_the_cache(llava_small, tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     local = shutil.copytree(llava_small, tmp_path / "apple" / "FastVLM-small")
     assert FV.resolve_model("apple/FastVLM-small") == Path("apple/FastVLM-small")   # a local folder wins
-    shutil.rmtree(local)
+    shutil.rmtree(local.parent)                      # a folder `apple` here would make the name a path
     code = infer.main([str(FIXTURES / "e2e_image.png"), "What is it?", "--model", "apple/FastVLM-small",
                        "--max-new-tokens", "8"])
     assert code == 0 and capsys.readouterr().out.strip() == answers(llava_small)[0]
@@ -210,6 +211,162 @@ def test_model_not_cached_gets_one_line(tmp_path, monkeypatch):
         FV.resolve_model("apple/FastVLM-0.5B")
     with pytest.raises(CheckpointError, match="model folder not found"):
         FV.resolve_model("no/such/folder")
+
+
+def test_hub_cache_is_found_as_huggingface_hub_finds_it(llava_small, tmp_path, monkeypatch):
+    """HF_HUB_CACHE wins over HF_HOME when both are set (as in huggingface_hub's constants.py), HF_HOME/hub
+    over XDG_CACHE_HOME/huggingface/hub; a download goes into the cache that was searched."""
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    hub = hub_cache(tmp_path / "hub", "apple/FastVLM-small", llava_small)
+    home = hub_cache(tmp_path / "home" / "hub", "apple/FastVLM-small", llava_small).parent
+    xdg = hub_cache(tmp_path / "xdg" / "huggingface" / "hub", "apple/FastVLM-small", llava_small).parent.parent
+    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
+    assert FV.resolve_model("apple/FastVLM-small").is_relative_to(xdg)
+    monkeypatch.setenv("HF_HOME", str(home))
+    assert FV.resolve_model("apple/FastVLM-small").is_relative_to(home)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    assert FV.resolve_model("apple/FastVLM-small").is_relative_to(hub)
+    import huggingface_hub
+
+    asked = {}
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: asked.update(kw) or str(tmp_path))
+    assert FV.resolve_model("apple/FastVLM-other") == tmp_path
+    assert Path(asked["cache_dir"]) == hub
+
+
+def test_a_path_is_never_looked_up_on_the_hub(tmp_path, monkeypatch):
+    """`--model models/fastvlm-tiy` (a typo) or `./org/name` used to be looked up on the Hub and fail as a
+    network error. A name that is a path (a leading ./ or /, more than one slash, or a first part that is
+    a folder here) is "model folder not found", with a near miss named; an ORG/NAME that is neither a folder
+    nor cached says both, with the `hf download` command."""
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("looked up on the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "fastvlm-tiny").mkdir(parents=True)
+    for name, near in (("models/fastvlm-tiy", " (did you mean models/fastvlm-tiny?)"), ("./apple/FastVLM-0.5B", ""),
+                       ("apple/FastVLM-0.5B/x", ""), (str(tmp_path / "absent"), ""), ("apple--x/y", "")):
+        with pytest.raises(CheckpointError) as refused:
+            FV.resolve_model(name)
+        assert str(refused.value) == f"model folder not found: {name}{near}; pass the folder that holds config.json"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match=r"^model folder not found: checkpoints/FastVLM-0\.5B, nor is "
+                       r"checkpoints/FastVLM-0\.5B a cached or downloadable Hugging Face Hub repo .*"
+                       r"`hf download checkpoints/FastVLM-0\.5B`"):
+        FV.resolve_model("checkpoints/FastVLM-0.5B")                  # no `checkpoints` here: either
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(CheckpointError, match=r"^model folder not found: checkpoints/FastVLM-0\.5B \(a path, "
+                       r"since checkpoints is a folder here; .*\); pass the folder that holds config\.json$"):
+        FV.resolve_model("checkpoints/FastVLM-0.5B")                  # `checkpoints` is here: a path
+
+
+def test_without_a_network_a_hub_name_gets_the_download_hint(tmp_path):
+    """No network but no HF_HUB_OFFLINE either: huggingface_hub raises LocalEntryNotFoundError around a
+    ConnectError, which infer.py used to print raw. Now one line with the `hf download` command. The Hub
+    address is a local port that refuses connections, so the test neither needs nor waits for a network."""
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))                  # bound, never listening: connections are refused
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        env.update(HF_HOME=str(tmp_path), HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_ETAG_TIMEOUT="5",
+                   HF_HUB_DOWNLOAD_TIMEOUT="5", HF_ENDPOINT=f"http://127.0.0.1:{closed.getsockname()[1]}")
+        proc = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "infer.py"),
+                               str(FIXTURES / "e2e_image.png"), "What is it?", "--model", "apple/FastVLM-0.5B"],
+                              capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: model folder not found: apple/FastVLM-0.5B, nor is apple/FastVLM-0.5B a "
+                                  "cached or downloadable Hugging Face Hub repo (it is not in the cache ")
+    assert "the Hub could not be reached: ConnectError" in proc.stderr
+    assert "run `hf download apple/FastVLM-0.5B` where the Hub can be reached" in proc.stderr
+
+
+def test_what_the_hub_answered_is_told_apart(tmp_path, monkeypatch):
+    """A repo the Hub does not have (check the name: no download hint), a gated one (log in), a Hub that
+    cannot be reached or that fails (the download hint), each in one line that names the repo."""
+    import httpx
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    response = httpx.Response(401, request=httpx.Request("GET", "https://huggingface.co/api/models/apple/x"))
+    unreachable = errors.LocalEntryNotFoundError("An error happened while trying to locate the files on the Hub")
+    unreachable.__cause__ = httpx.ConnectError("[Errno 111] Connection refused")
+    cases = [(errors.RepositoryNotFoundError("401 Client Error", response=response),
+              "(the Hub has no public repo apple/x); check the name", False),
+             (errors.GatedRepoError("401 Client Error", response=response), "`hf auth login`", False),
+             (unreachable, "the Hub could not be reached: ConnectError: [Errno 111] Connection refused", True),
+             (errors.HfHubHTTPError("503 Server Error", response=response),
+              "downloading it failed: HfHubHTTPError: 503 Server Error", True)]
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    for error, fragment, hint in cases:
+        def fail(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+        with pytest.raises(CheckpointError) as refused:
+            FV.resolve_model("apple/x")
+        message = str(refused.value)
+        assert message.startswith("model folder not found: apple/x, nor is apple/x a cached or downloadable")
+        assert fragment in message and ("`hf download apple/x`" in message) == hint and "\n" not in message
+
+
+# --- file modes and options of the converter ----------------------------------------------------------------
+
+TINY = Path(__file__).parent.parent / "models" / "fastvlm-tiny"
+
+
+def test_converted_files_respect_the_umask_and_to_names_the_layout(tmp_path, capsys):
+    """model.safetensors came out 0600 (safetensors' own mode) beside 0644 files: every file of a converted
+    folder now gets the mode the umask gives new files. --to names the layout to write: the one the source
+    is already in is refused, the other is written (as without --to)."""
+    old = os.umask(0o027)
+    try:
+        assert convert.main([str(TINY), str(tmp_path / "same"), "--to", "llava"]) == 2
+        assert "is already in the llava layout" in capsys.readouterr().err and not (tmp_path / "same").exists()
+        assert convert.main([str(TINY), str(tmp_path / "hf"), "--to", "fast_vlm"]) == 0
+        assert convert.main([str(tmp_path / "hf"), str(tmp_path / "same"), "--to", "fast_vlm"]) == 2
+        assert "is already in the fast_vlm layout" in capsys.readouterr().err
+        assert convert.main([str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    finally:
+        os.umask(old)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "fast_vlm"
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == "llava_qwen2"
+    for folder in (tmp_path / "hf", tmp_path / "back"):
+        assert folder.stat().st_mode & 0o777 == 0o750
+        assert {f.name: f.stat().st_mode & 0o777 for f in folder.iterdir()} == {f.name: 0o640 for f in folder.iterdir()}
+
+
+def test_an_untied_head_is_padded_like_the_embedding_and_converts_back(tmp_path):
+    """A model whose vocabulary is exactly its tokenizer's gets rows for transformers' <image> token: the
+    untied head must get them too (each the mean of the others, as the embedding's), or the converted folder
+    does not load; either way the logits of every real token stay the same, converted and back."""
+    untied = shutil.copytree(TINY, tmp_path / "untied")
+    tensors = load_file(str(untied / "model.safetensors"))
+    head = tensors["model.embed_tokens.weight"].flip(0).contiguous()
+    save_file({**tensors, "lm_head.weight": head}, str(untied / "model.safetensors"))
+    config = json.loads((untied / "config.json").read_text())
+    (untied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    hf, _ = convert.convert(untied, tmp_path / "hf")
+    back, _ = convert.convert(hf, tmp_path / "back")
+    stored = load_file(str(hf / "model.safetensors"))
+    rows = stored["model.language_model.embed_tokens.weight"].shape[0]
+    assert rows == 384 and json.loads((hf / "config.json").read_text())["text_config"]["vocab_size"] == rows
+    assert torch.equal(stored["lm_head.weight"][:377], head)
+    assert torch.allclose(stored["lm_head.weight"][377:], head.mean(0).expand(rows - 377, -1))
+    expected = None
+    for folder in (untied, hf, back):
+        model, tokenizer, _ = FV.FastVLM.from_pretrained(folder, fast=False)
+        assert model.llm.lm_head.weight is not model.llm.embed_tokens.weight
+        logits = model.llm(tokens=torch.tensor([tokenizer.encode("What is in the picture?")]))[0, :, :377]
+        expected = logits if expected is None else expected
+        assert torch.equal(logits, expected)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none): checks that loading "

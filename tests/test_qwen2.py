@@ -1,16 +1,19 @@
 """Qwen2 decoder: cache, causality, RoPE and GQA properties; transformers as the reference; the tokenizer."""
 
+import re
 import unicodedata
+from dataclasses import fields
 
 import pytest
 import torch
 import transformers
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
+from PIL import Image
 
 import fastvlm as FV
 import qwen2 as Q
 from checkpoint import CheckpointError
-from synthetic import hf_reference, synthetic_llm_tensors, write_official_tokenizer
+from synthetic import OFFICIAL_CONFIG, hf_reference, synthetic_llm_tensors, write_official_tokenizer
 from tolerance import assert_close
 
 pytestmark = pytest.mark.inference
@@ -197,6 +200,73 @@ def test_real_0_5b_shapes_match_transformers():
     check_against_transformers(Q.QWEN2_0_5B, tied=True, length=12, new_tokens=32)
 
 
+# Every field away from the release's value, and all but the head count away from TINY's. A RoPE base
+# of 10000 (Llama's) and an RMSNorm eps of 1e-2 move every logit far past the tolerance, so a decoder
+# that hard-coded Qwen2's 1e6 and 1e-6 (which every other test model has) fails here.
+ODD = Q.Qwen2Config(vocab_size=384, hidden_size=96, intermediate_size=80, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-2, rope_theta=1e4,
+                    max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def test_every_config_field_at_another_value_matches_transformers():
+    """rope_theta, rms_norm_eps and the sizes reach the computation: transformers' Qwen2 built with the
+    same unusual values, on the same weights, gives the same logits and greedy tokens."""
+    defaults = Q.Qwen2Config()
+    assert all(getattr(ODD, f.name) != getattr(defaults, f.name) for f in fields(Q.Qwen2Config))
+    assert all(getattr(ODD, f.name) != getattr(TINY, f.name) for f in fields(Q.Qwen2Config)
+               if f.name not in ("tie_word_embeddings", "num_attention_heads"))
+    check_against_transformers(ODD, tied=False, length=12, new_tokens=16)
+
+
+@pytest.mark.parametrize("rms, eps", [(1e-4, 1e-6), (1e-2, 1e-6), (1.0, 1e-2)])
+def test_rms_norm_takes_eps_inside_the_square_root_as_transformers(rms, eps):
+    """x / sqrt(mean(x^2) + eps) * weight, as transformers' Qwen2RMSNorm. At the activations of the model
+    tests (RMS about 1, eps 1e-6) eps hardly matters; on inputs of tiny RMS, or with a large eps, an eps
+    outside the root (or none) is off by up to 10x."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 64, generator=g) * rms
+    mine, theirs = Q.RMSNorm(64, eps), Qwen2RMSNorm(64, eps=eps)
+    weight = torch.rand(64, generator=g) + 0.5
+    mine.weight.copy_(weight)
+    theirs.weight.copy_(weight)
+    torch.testing.assert_close(mine(x), theirs(x), rtol=1e-6, atol=0)
+    assert mine(x).square().mean().sqrt() > 0.1                    # normalised: the comparison is not of zeros
+
+
+def test_the_cache_is_bounded_by_max_position_embeddings():
+    """max_position_embeddings is the model's context: a cache of exactly that many positions is
+    allowed, one more is refused (with this config's number, not the release's 32768)."""
+    model = Q.Qwen2(ODD)
+    model.setup_cache(ODD.max_position_embeddings)
+    assert model.max_len == 64
+    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+        model.setup_cache(65)
+
+
+# transformers' own spelling of what the release computes: accepted, and the same config as without it
+PLAIN_KEYS = {"hidden_act": "silu", "rope_scaling": None, "head_dim": 64, "use_sliding_window": False,
+              "layer_types": ["full_attention"] * 24, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("hidden_act", "gelu", "hidden_act 'gelu' is not supported"),
+    ("rope_scaling", {"type": "linear", "factor": 2.0}, "rope_scaling {'type': 'linear'"),
+    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}, "rope_parameters {'rope_type': 'yarn'"),
+    ("use_sliding_window", True, "sliding-window attention"),
+    ("layer_types", ["full_attention"] * 23 + ["sliding_attention"], "sliding-window attention"),
+    ("head_dim", 128, "head_dim 128 is not supported"),
+])
+def test_config_keys_this_decoder_would_compute_differently_are_refused(key, value, fragment):
+    """A config.json asking for what transformers' Qwen2 computes and this decoder does not (another
+    activation, scaled RoPE, sliding windows, another head size) is refused by name instead of loading
+    into a model that answers differently; the same keys at the release's values are accepted."""
+    assert Q.Qwen2Config.from_dict({**OFFICIAL_CONFIG, **PLAIN_KEYS}) == Q.QWEN2_0_5B
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        Q.Qwen2Config.from_dict({**OFFICIAL_CONFIG, **PLAIN_KEYS, key: value})
+
+
 # --- loading -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -276,6 +346,111 @@ def test_sample_top_p_keeps_the_nucleus_only():
     g = torch.Generator().manual_seed(0)
     seen = {Q.sample(logits, 1.0, 0.7, g) for _ in range(300)}
     assert seen == {0, 1}
+
+
+def transformers_scores(logits, temperature, top_p):
+    """The scores transformers' generate samples from (the official FastVLM's sampler): its temperature
+    and top-p warpers, in the order it applies them."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(temperature)(None, logits[None].float())
+    return (TopPLogitsWarper(top_p)(None, scores) if top_p < 1.0 else scores)[0]
+
+
+def test_a_run_summing_to_exactly_top_p_is_the_nucleus():
+    """Probabilities 1/2, 1/4, 1/8, 1/8 (exact in float32) and top_p 3/4: the two most likely tokens sum
+    to top_p exactly; they are kept and nothing after them, as transformers keeps them."""
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.125, 0.125]))
+    assert logits.softmax(-1).tolist() == [0.5, 0.25, 0.125, 0.125]
+    for scores in (Q.nucleus(logits, 1.0, 0.75), transformers_scores(logits, 1.0, 0.75)):
+        assert torch.isfinite(scores).tolist() == [True, True, False, False]
+    past = 0.7500001                                                # a little more: one of the 1/8s joins
+    assert torch.equal(Q.nucleus(logits, 1.0, past), transformers_scores(logits, 1.0, past))
+    assert torch.isfinite(Q.nucleus(logits, 1.0, past)).sum() == 3
+
+
+@settings(deadline=None, max_examples=80)
+@given(vocab=st.integers(2, 80), spread=st.floats(0.1, 4.0), temperature=st.sampled_from([0.2, 0.7, 1.0, 1.5]),
+       cut=st.integers(0, 200), seed=st.integers(0, 2**31 - 1))
+def test_top_p_keeps_and_samples_what_transformers_does(vocab, spread, temperature, cut, seed):
+    """top_p placed exactly on a boundary of the nucleus as float32 sums it (the k least likely tokens
+    sum to 1 - top_p, exactly): the same tokens kept as by transformers' warpers, none of those k among
+    them, every kept token more likely than every dropped one, and the same token drawn from the same
+    random stream."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(vocab, generator=g) * spread
+    k = cut % (vocab - 1) + 1
+    least_likely = float((logits / temperature).sort().values.softmax(-1).cumsum(-1)[k - 1])
+    assume(least_likely >= 2**-28)               # then 1 - (1 - x) is x again in float64: the bound is exact
+    top_p = 1.0 - least_likely
+    mine = Q.nucleus(logits, temperature, top_p)
+    theirs = transformers_scores(logits, temperature, top_p)
+    assert torch.equal(mine, theirs)
+    kept = torch.isfinite(mine)
+    assert 1 <= kept.sum() <= vocab - k
+    assert logits[kept].min() >= logits[~kept].max()
+    drawn = torch.multinomial(theirs.softmax(-1), 1, generator=torch.Generator().manual_seed(seed))
+    assert Q.sample(logits, temperature, top_p, torch.Generator().manual_seed(seed)) == int(drawn)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_an_infinite_logit_without_nan_is_refused(temperature):
+    """One logit of +inf among finite ones, no NaN anywhere (the head's sum overflowed the dtype): greedy
+    or sampling, generation raises NonFiniteLogits instead of answering with the overflowed token,
+    whose real size is lost (its argmax a guess, its probability NaN), and the turn leaves no keys or
+    values in the cache."""
+    model = ours(TINY_UNTIED)
+    ids = prompt(TINY_UNTIED, 6)
+    seen = []
+    hook = model.norm.register_forward_hook(lambda module, args, out: seen.append(out[0, -1]))
+    overflowed = int(model(ids)[0, -1].argmin())                    # the least likely token
+    hook.remove()
+    model.lm_head.weight[overflowed] = 3e38 * seen[0].sign()        # every term of its sum positive: +inf
+    logits = model(ids)[0, -1]
+    assert logits[overflowed] == float("inf") and not logits.isnan().any()
+    assert torch.isfinite(torch.cat([logits[:overflowed], logits[overflowed + 1:]])).all()
+    model.setup_cache(32)
+    with pytest.raises(Q.NonFiniteLogits, match="after 0 new tokens"):
+        Q.generate(model, ids, max_new_tokens=8, temperature=temperature, seed=0)
+    for layer in model.layers:
+        assert not layer.self_attn.cache.k.any() and not layer.self_attn.cache.v.any()
+
+
+@pytest.fixture(scope="module")
+def unstopped_chat(small_model_dir):
+    """(model, tokenizer, image, the first answer's tokens when nothing stops it) of the small model."""
+    model, tokenizer, _ = FV.FastVLM.from_pretrained(small_model_dir)
+    image = Image.new("RGB", (96, 64), (200, 40, 90))
+    free, tokens = FV.Chat(model, tokenizer, image), []
+    free.stop_ids = set()
+    free.ask("What is this?", max_new_tokens=5, on_token=tokens.append)
+    return model, tokenizer, image, tokens
+
+
+@pytest.mark.parametrize("stop", ["<|im_end|>", "<|endoftext|>"])
+def test_an_answer_ends_at_either_stop_token_and_leaves_it_out(unstopped_chat, stop):
+    """Qwen2 ends a chat turn with <|im_end|> and a document with <|endoftext|> (its instruct models'
+    generation config stops at both): a chat's answer stops at whichever the model writes, and neither
+    the text, the streamed tokens nor the conversation's history contains it."""
+    model, tokenizer, image, unstopped = unstopped_chat
+    assert not {151643, 151645} & set(unstopped[:3])               # the model writes no stop token itself
+    calls = []
+
+    def stop_at_the_fourth_token(module, args, out):               # the prefill's logits, then each decode step's
+        calls.append(None)
+        if len(calls) == 4:
+            out[..., tokenizer.token_id(stop)] = out.max() + 1.0
+        return out
+
+    hook = model.llm.lm_head.register_forward_hook(stop_at_the_fourth_token)
+    try:
+        chat, streamed = FV.Chat(model, tokenizer, image), []
+        answer = chat.ask("What is this?", max_new_tokens=5, on_token=streamed.append)
+    finally:
+        hook.remove()
+    assert streamed == unstopped[:3]
+    assert answer == tokenizer.decode(unstopped[:3]).strip()
+    assert chat.history[-3:] == unstopped[:3] and chat.timing.new_tokens == 3
 
 
 # --- tokenizer -----------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import copy
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,72 @@ def test_small_encoder_fuses_in_float32_within_1e5():
     after = model.reparameterize()(x)
     assert model.is_fused and before.std() > 1e-3
     assert (after - before).abs().max() <= 1e-5 * before.abs().max()
+
+
+# Every field away from the release's value and from the other tests' (kernels told apart from each
+# other, stages of different depths, attention before a RepMixer stage, four stages): a block that read a
+# neighbouring field or the release's number instead of its own builds another encoder here.
+ODD = R.FastViTHDConfig(depths=(2, 1, 1, 3), widths=(8, 16, 32, 64),
+                        mixers=("repmixer", "attention", "repmixer", "attention"), mlp_ratio=3.0, head_dim=8,
+                        image_size=96, expansion=3, se_ratio=1 / 8, repmixer_kernel=5, ffn_kernel=3,
+                        downsample_kernel=9, cpe_kernel=11, layer_scale_init=0.25)
+
+
+def test_every_config_field_is_read_where_it_belongs():
+    """Each FastViTHDConfig field, at a value no release uses, shapes the part of the encoder it names:
+    blocks per stage, widths, token mixers, the FFN's width, heads, every kernel size, the final
+    expansion and its squeeze-excite, the initial layer scales, the stride and the token count. And the
+    unusual kernels still fold exactly."""
+    assert all(getattr(ODD, f.name) != getattr(R.FASTVITHD, f.name) for f in fields(R.FastViTHDConfig))
+    model = R.FastViTHD(ODD)
+    side = (ODD.repmixer_kernel, ODD.ffn_kernel, ODD.downsample_kernel, ODD.cpe_kernel)
+    assert len(set(side)) == 4
+    for i, (stage, width, mixer) in enumerate(zip(model.stages, ODD.widths, ODD.mixers)):
+        assert len(stage.blocks) == ODD.depths[i]
+        for block in stage.blocks:
+            assert block.convffn.fc1.out_channels == int(width * ODD.mlp_ratio)
+            assert block.convffn.local.conv.kernel_size == (ODD.ffn_kernel,) * 2
+            if mixer == "attention":
+                assert type(block) is R.AttentionBlock and block.token_mixer.heads == width // ODD.head_dim
+                scales = [block.layer_scale_1, block.layer_scale_2]
+            else:
+                assert type(block) is R.RepMixerBlock
+                assert block.token_mixer.mixer.convs[0].conv.kernel_size == (ODD.repmixer_kernel,) * 2
+                scales = [block.layer_scale, block.token_mixer.layer_scale]
+            assert all(torch.all(s == ODD.layer_scale_init) for s in scales)
+        if i:
+            assert stage.downsample.spatial.large.conv.kernel_size == (ODD.downsample_kernel,) * 2
+        assert (mixer == "attention") == isinstance(stage.cpe, R.RepCPE)
+        if mixer == "attention":
+            assert stage.cpe.pe.kernel_size == (ODD.cpe_kernel,) * 2
+    assert model.expand.se.reduce.out_channels == int(ODD.expansion * ODD.widths[-1] * ODD.se_ratio) == 24
+    x = torch.rand(1, 3, ODD.image_size, ODD.image_size)
+    features, stages = model.eval()(x, return_stages=True)
+    assert ODD.stride == 32 and features.shape == (1, ODD.expansion * ODD.widths[-1], 3, 3)
+    assert [tuple(s.shape[1:]) for s in stages] == [(w, 96 // f, 96 // f) for w, f in zip(ODD.widths, (4, 8, 16, 32))]
+    assert ODD.num_tokens() == R.to_tokens(features).shape[1] == 9
+    assert_fuses_exactly(R.FastViTHD(ODD), torch.rand(1, 3, 64, 64), seed=0)     # the smallest side: 2 x 2
+
+
+@pytest.mark.parametrize("head_dim", [4, 8, 16])
+def test_attention_splits_its_channels_into_width_over_head_dim_heads(head_dim):
+    """head_dim changes no weight's shape, only how the channels split into heads: MHSA(32, head_dim)
+    equals torch's own nn.MultiheadAttention with 32 / head_dim heads on the same weights (qkv without
+    bias), on both of its attention paths."""
+    torch.manual_seed(head_dim)
+    attn = R.MHSA(32, head_dim).double()
+    ref = torch.nn.MultiheadAttention(32, 32 // head_dim, batch_first=True, dtype=torch.float64)
+    ref.in_proj_weight.copy_(attn.qkv.weight)
+    ref.in_proj_bias.zero_()
+    ref.out_proj.weight.copy_(attn.proj.weight)
+    ref.out_proj.bias.copy_(attn.proj.bias)
+    x = torch.randn(2, 32, 3, 5, dtype=torch.float64)
+    tokens = R.to_tokens(x)
+    expected = ref(tokens, tokens, tokens, need_weights=False)[0]
+    assert expected.std() > 0.1
+    for use_sdpa in (True, False):
+        attn.use_sdpa = use_sdpa
+        assert (R.to_tokens(attn(x)) - expected).abs().max() < 1e-12
 
 
 def test_fused_construction_matches_reparameterized_structure():

@@ -252,6 +252,87 @@ def test_a_block_whose_activation_is_not_the_exact_gelu_runs_its_plain_forward()
         assert_close(plain(x), fast(x), alive=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_fused_kernels_run_in_float32_only(dtype):
+    """oneDNN's fused ops are for float32 here: float64 they refuse, and in bfloat16 their convs round
+    otherwise than the plain ops (up to 8e-3 measured). In any other dtype the swapped model runs no
+    fused kernel, and gives exactly what it gives with them switched off. (The stem and first stage
+    stand for the encoder: their swapped blocks run both fused kernels, and float64 convs are slow.)"""
+    fast = speedups.apply(small_fastvlm().to(dtype))
+    x, ids = torch.rand(1, 3, 64, 64, dtype=dtype), torch.arange(10)[None]
+    encoder = fast.vision_tower
+    with profile() as prof:
+        outputs = both_paths(lambda: encoder.stages[0](encoder.stem(x))), both_paths(lambda: fast.llm(ids))
+    names = {e.name for e in prof.events()}
+    assert not any(n.startswith("mkldnn::_") for n in names), names
+    for plain, fused in outputs:
+        assert torch.equal(plain, fused) and plain.float().std() > 1e-2
+
+
+def conv_like(conv, layout):
+    """Unit-scale weights, and the conv in `layout` (the inputs below are made in the same one)."""
+    return unit_scale(conv).to(memory_format=layout)
+
+
+# Convs the fused paths must leave to the plain ops: oneDNN pads with zeros by a list of numbers, and a
+# 1x1 conv runs as a matmul only when it mixes all channels.
+PLAIN_ONLY = {
+    "reflect": lambda: nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"),
+    "circular": lambda: nn.Conv2d(4, 8, 3, padding=1, padding_mode="circular"),
+    "same": lambda: nn.Conv2d(4, 8, 3, padding="same"),
+    "grouped_1x1": lambda: nn.Conv2d(8, 8, 1, groups=4),
+    "depthwise_1x1": lambda: nn.Conv2d(8, 8, 1, groups=8),
+}
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("kind", sorted(PLAIN_ONLY))
+def test_convs_the_fused_kernels_cannot_compute_give_their_own_result(kind, layout):
+    """A conv padding by reflection, by wrapping around or by "same", and a grouped 1x1 conv on a small
+    map: conv_gelu and conv_scale_add give what the plain conv gives (a fused op would pad with zeros,
+    or multiply by a weight of the wrong shape)."""
+    torch.manual_seed(0)
+    conv = conv_like(PLAIN_ONLY[kind](), layout)
+    x = torch.randn(2, conv.in_channels, 6, 6).contiguous(memory_format=layout)
+    residual = torch.randn(2, 8, 6, 6).contiguous(memory_format=layout)
+    scale = torch.randn(8, 1, 1)
+    assert_close(*both_paths(lambda: speedups.conv_gelu(x, conv)), alive=True)
+    assert_close(*both_paths(lambda: speedups.conv_scale_add(x, conv, scale, residual)), alive=True)
+
+
+def test_the_swapped_encoder_takes_its_image_channels_last():
+    """The swapped encoder's weights are stored channels-last; an NCHW image is converted before the first
+    conv, so that no conv of the encoder converts layouts on its own (the layout is the speed-up)."""
+    fast = speedups.apply(small_fastvlm()).vision_tower
+    seen = []
+    fast.stem[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    image = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        fast(image)
+    assert not image.is_contiguous(memory_format=torch.channels_last)
+    assert len(seen) == 1 and seen[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_plain_ops_puts_back_the_switch_it_found():
+    """plain_ops() (and flop_counter(), built on it) restore `speedups.enabled` as it was: after a block
+    inside another one the outer block still runs the plain ops, and a user's `enabled = False` survives
+    a FLOP count."""
+    before = speedups.enabled
+    try:
+        speedups.enabled = True
+        with speedups.plain_ops():
+            with speedups.plain_ops():
+                pass
+            assert speedups.enabled is False
+        assert speedups.enabled is True
+        speedups.enabled = False
+        with speedups.flop_counter():
+            pass
+        assert speedups.enabled is False
+    finally:
+        speedups.enabled = before
+
+
 def test_from_pretrained_applies_the_speed_step_unless_told_not_to(tmp_path):
     from synthetic import write_fastvlm_checkpoint
 

@@ -60,6 +60,26 @@ def median_seconds(fn, runs, warmup=1, device=None):
     return statistics.median(times)
 
 
+def gflop(flops):
+    """FLOPs as GFLOPs with three significant digits: toy shapes (--quick) are megaFLOPs, not 0.0."""
+    return f"{flops / 1e9:.3g}"
+
+
+def rate_per_s(count, seconds):
+    """count / seconds, or None when the interval is too short (or negative: two medians subtracted) to
+    time: a decode of a few tokens on a toy model can take less than the timer's noise."""
+    return count / seconds if seconds > 1e-4 else None
+
+
+def shown_rate(rate):
+    return "too short to time" if rate is None else f"{rate:.1f}"
+
+
+QUICK_BANNER = ("--quick: toy shapes and one run per figure, to check that every section runs. Its numbers "
+                "are not measurements (a toy model's GFLOPs round to nothing, a few tokens decode faster than "
+                "the timer's noise); run without --quick to measure.")
+
+
 def settings_line():
     return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
@@ -141,8 +161,8 @@ def bench_encoder(args):
         f_fast, f_vit = flops_of(lambda: fast(x)), flops_of(lambda: vit(x))
         tokens = ((side // 64) ** 2, (side // 14) ** 2)
         rows.append((side, t_fast, t_vit, f_fast, f_vit, tokens))
-        print(f"| {side} | {t_fast:.2f} | {t_vit:.2f} | {t_vit / t_fast:.1f}x | {f_fast / 1e9:.1f} | "
-              f"{f_vit / 1e9:.1f} | {tokens[0]} / {tokens[1]} |", flush=True)
+        print(f"| {side} | {t_fast:.2f} | {t_vit:.2f} | {t_vit / t_fast:.1f}x | {gflop(f_fast)} | "
+              f"{gflop(f_vit)} | {tokens[0]} / {tokens[1]} |", flush=True)
     plot_encoder(rows, Path(args.out) / "encoder_scaling.png")
     return rows
 
@@ -217,17 +237,18 @@ def bench_decoder(args):
             continue
         t_prefill = median_seconds(prefill, runs)
         t_gen = median_seconds(gen, runs)
-        rows[name] = (t_prefill, (new - 1) / max(t_gen - t_prefill, 1e-9))
+        rows[name] = (t_prefill, rate_per_s(new - 1, t_gen - t_prefill))
     _, gbps = probe(args, quiet=True)
     bytes_per_token = sum(p.numel() for p in ours.parameters()) * 4          # every weight read once
     print(f"Qwen2 {'tiny' if args.quick else '0.5B'} shapes, fp32, prefill {prompt_len} tokens, "
           f"decode {new} -- {settings_line()}")
     print("| implementation | prefill (s) | decode tokens/s | decode bandwidth (GB/s) |\n|---|---|---|---|")
     for name, (tp, tps) in rows.items():
-        print(f"| {name} | {tp:.3f} | {tps:.1f} | {tps * bytes_per_token / 1e9:.1f} |")
+        print(f"| {name} | {tp:.3f} | {shown_rate(tps)} | {shown_rate(tps and tps * bytes_per_token / 1e9)} |")
     if "transformers" in rows:
         (a, b), (c, d) = rows["ours"], rows["transformers"]
-        print(f"ratios: prefill time ours/transformers {a / c:.2f}x, decode speed ours/transformers {b / d:.2f}x; "
+        speed = f"{b / d:.2f}x" if b and d else "too short to time"
+        print(f"ratios: prefill time ours/transformers {a / c:.2f}x, decode speed ours/transformers {speed}; "
               f"copy probe {gbps:.1f} GB/s")
     return rows
 
@@ -326,12 +347,13 @@ def bench_ttft(args):
     ref = None
     if hf_runs:
         ref = {k: statistics.median(r[k] for r in hf_runs) for k in hf_runs[0]}
-        ref["decode"] = (new - 1) / max(ref["decode"], 1e-9)
+        ref["decode"] = rate_per_s(new - 1, ref["decode"])
     if ref:
         print("| phase | transformers (ms) | ours / transformers |\n|---|---|---|")
         for key in ("encoder", "prefill", "ttft", "follow_up"):
             print(f"| {key} | {ref[key] * 1e3:.0f} | {ours[key] / ref[key]:.2f}x |")
-        print(f"| decode tokens/s | {ref['decode']:.1f} | {ours['decode'] / ref['decode']:.2f}x |")
+        ratio = f"{ours['decode'] / ref['decode']:.2f}x" if ref["decode"] else "too short to time"
+        print(f"| decode tokens/s | {shown_rate(ref['decode'])} | {ratio} |")
     return ours, ref
 
 
@@ -615,13 +637,13 @@ def bench_breakdown(args):
         print("| block | ms | share | GFLOPs | GFLOP/s | of the probe |\n|---|---|---|---|---|---|")
         for label, s in sorted(seconds.items(), key=lambda kv: -kv[1]):
             f = flops.get(label, 0) / 1e9
-            rate = f"| {f / s:.1f} | {f / s / gflops:.0%} |" if f else "| | |"
-            print(f"| {label} | {s * 1e3:.0f} | {s / total:.1%} | {f:.1f} {rate}")
+            rate = f"| {f / s:.3g} | {f / s / gflops:.0%} |" if f else "| | |"
+            print(f"| {label} | {s * 1e3:.0f} | {s / total:.1%} | {f:.3g} {rate}")
         f = sum(flops.values()) / 1e9
-        print(f"total {f:.1f} GFLOPs at {f / total:.1f} GFLOP/s ({f / total / gflops:.0%} of the probe); "
+        print(f"total {f:.3g} GFLOPs at {f / total:.3g} GFLOP/s ({f / total / gflops:.0%} of the probe); "
               f"at the probe's speed throughout: {f / gflops:.2f} s\n")
         all_flops, all_seconds = all_flops + f, all_seconds + total
-    print(f"encoder + prefill: {all_flops:.0f} GFLOPs in {all_seconds:.2f} s, {all_flops / all_seconds / gflops:.0%} "
+    print(f"encoder + prefill: {all_flops:.3g} GFLOPs in {all_seconds:.2f} s, {all_flops / all_seconds / gflops:.0%} "
           f"of the probe; floor at the probe's speed {all_flops / gflops:.2f} s")
     return all_flops, all_seconds
 
@@ -677,9 +699,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     jobs = {"probe": probe, "reparam": bench_reparam, "encoder": bench_encoder, "decoder": bench_decoder,
             "ttft": bench_ttft, "breakdown": bench_breakdown, "threads": bench_threads, "batch": bench_batch}
+    if args.quick:
+        print(QUICK_BANNER + "\n")
     for name in (jobs if args.what == "all" else [args.what]):
         jobs[name](args)
         print()
+    if args.quick:
+        print(QUICK_BANNER)
     return 0
 
 

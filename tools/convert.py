@@ -19,23 +19,25 @@ What changes is names, the config and the tokenizer files; every tensor keeps it
 * fast_vlm's tokenizer is a `tokenizer.json` with an extra `<image>` token (its id is the config's
   `image_token_index`); LLaVA's is the slow tokenizer's vocab.json + merges.txt + added_tokens.json.
 
-The folder is written beside its destination and renamed into place when complete.
+The folder is written beside its destination and renamed into place when complete, every file with the
+mode new files get (0o666 less the umask; safetensors alone would write the weights 0o600). The source
+may also be a Hugging Face repo id, found as infer.py's --model finds it (fastvlm.resolve_model).
 """
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import uuid
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fastvlm as FV  # noqa: E402
-from checkpoint import CheckpointError, iter_safetensors, load_exact, safetensors_names  # noqa: E402
+from checkpoint import CheckpointError, iter_safetensors, load_exact, safetensors_names, write_safetensors  # noqa: E402
 
 SHARD_BYTES = 4 * 2**30          # shards of at most this many bytes, as save_pretrained writes them
 CHAT_TEMPLATE = (  # transformers' template for FastVLM: Apple's qwen_2 conversation, the image before the text
@@ -76,7 +78,7 @@ def convert_tensors(src, layout, target, vision_cfg, llm_cfg, tmp, rows=None):
                 dtypes.add(str(t.dtype).removeprefix("torch."))
             if shard and size + t.nbytes > SHARD_BYTES:
                 shards.append(shard)
-                save_file(shard, str(tmp / f"part-{len(shards)}.safetensors"), metadata={"format": "pt"})
+                write_safetensors(shard, tmp / f"part-{len(shards)}.safetensors")
                 shard, size = {}, 0
             if rows and ours in ("llm.embed_tokens.weight", "llm.lm_head.weight"):
                 t = pad_rows(t, rows)
@@ -86,7 +88,7 @@ def convert_tensors(src, layout, target, vision_cfg, llm_cfg, tmp, rows=None):
     load_exact(model, stream(), where=FV.part_of,
                file_names={name: layout.theirs(name, vision_cfg) for name in model.state_dict()})
     shards.append(shard)
-    save_file(shard, str(tmp / f"part-{len(shards)}.safetensors"), metadata={"format": "pt"})
+    write_safetensors(shard, tmp / f"part-{len(shards)}.safetensors")
     if len(shards) == 1:
         (tmp / "part-1.safetensors").rename(tmp / "model.safetensors")
     else:                                             # save_pretrained's names and index

@@ -248,13 +248,13 @@ def write_fastvlm_checkpoint(folder, llm_fields=SMALL_LLM, vision_cfg=None, dtyp
     import json
     from dataclasses import asdict
 
-    from safetensors.torch import save_file
+    from checkpoint import write_safetensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = fastvlm_tensors(llm_fields, vision_cfg, tied)
-    save_file({k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()},
-              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors({k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()},
+                      folder / "model.safetensors")
     config = {**OFFICIAL_CONFIG, **llm_fields, "tie_word_embeddings": tied}
     if vision_cfg is not None:
         config["fastvithd"] = asdict(vision_cfg)
