@@ -17,6 +17,7 @@ Both halves of FastVLM load the same way, so the rules live here once:
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -170,3 +171,19 @@ def write_safetensors(tensors, path):
 
     save_file(tensors, str(path), metadata={"format": "pt"})
     os.chmod(path, new_file_mode())
+
+
+def write_errno(e):
+    """The system's error number behind a failed write, or None: an OSError's own, one further down the
+    chain (torch.save writing to a Python file raises a RuntimeError whose context is the OSError), or
+    the "(os error N)" that the Rust writers of safetensors and tokenizers put in their message."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        found = re.search(r"\(os error (\d+)\)", str(e))
+        if found:
+            return int(found.group(1))
+        e = e.__cause__ or e.__context__
+    return None

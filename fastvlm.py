@@ -404,7 +404,7 @@ def resolve_model(name):
     not be asked, the `hf download` command that fetches it."""
     if not str(name):
         raise CheckpointError("the model name is empty; pass a model folder or a Hugging Face repo id")
-    path = Path(name)
+    path = Path(name).expanduser()                  # `--model=~/x`: no shell expands a ~ after an =
     try:
         if path.is_dir():
             return path
@@ -430,8 +430,12 @@ def resolve_model(name):
             return cached / "snapshots" / ref.read_text().strip()
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"cannot read {repo} in the Hugging Face cache {hub} ({e}); check its permissions") from None
-    nor = f"{missing}, nor is {repo} a cached or downloadable Hugging Face Hub repo"
-    fetch = f"run `hf download {repo}` where the Hub can be reached, or pass the folder that holds the model"
+    # ORG/NAME is a repo id or a folder not made yet (the README's `checkpoints/FastVLM-0.5B` before its
+    # download): the message says what to do for either.
+    nor = (f"{missing} (there is no folder {repo.split('/')[0]} here), nor is {repo} a cached or downloadable "
+           "Hugging Face Hub repo")
+    fetch = (f"run `hf download {repo}` where the Hub can be reached if it is a repo id, or, if it is meant as "
+             f"a folder, download a release into it first (`hf download apple/FastVLM-0.5B --local-dir {repo}`)")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:

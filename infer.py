@@ -38,6 +38,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -242,6 +243,24 @@ def load(args):
     return model, tokenizer, config, device
 
 
+def check_system(chat):
+    """Refuse a system prompt that alone, with the image's tokens, leaves no room in the context for a
+    question and an answer: every question would fail on it. Measured from its UTF-8 length first, as
+    Chat.check_question does (a huge one is refused before tokenizing it), then by its tokens."""
+    import fastvlm as FV
+
+    room = chat.context - chat.model.vision_tower.cfg.num_tokens()   # what the image leaves
+    size = len(chat.system.encode("utf-8"))
+    # a token stands for at most longest_token_bytes bytes of the NFC text, which NFC may shorten
+    # NFC_MAX_SHRINK-fold: more bytes than that cannot fit, fewer are counted in tokens
+    too_long = size > FV.NFC_MAX_SHRINK * room * FV.longest_token_bytes(chat.tokenizer) or \
+        len(FV.turn_ids(chat.tokenizer, "", first=True, system=chat.system)) >= room   # + 1 question, 1 answer
+    if too_long:
+        raise UsageError(f"--system is too long: with the image's {chat.context - room} tokens it leaves no room "
+                         f"for a question and an answer in the model's context of {chat.context} tokens; "
+                         "pass a shorter system prompt")
+
+
 def single(args):
     """One question, or an interactive chat, about one image."""
     from fastvlm import SYSTEM_PROMPT, Chat, InputError, load_image
@@ -249,6 +268,7 @@ def single(args):
     image = load_image(args.image)                           # fail fast, before loading a model
     model, tokenizer, config, device = load(args)
     chat = Chat(model, tokenizer, image, config, system=SYSTEM_PROMPT if args.system is None else args.system)
+    check_system(chat)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
     def ask(question):
@@ -258,12 +278,16 @@ def single(args):
             # turn before the chat's first and report them apart. (On CPU a turn takes seconds and its
             # first call costs little.)
             startup = chat.warm_up(question, args.max_new_tokens, args.temperature, args.top_p)
-        if args.json:
-            text = chat.ask(question, **options)
-            print(json.dumps(answer_record(None, args.image, question, text, chat), ensure_ascii=False))
-        else:
-            streamer = Streamer(tokenizer)
-            streamer.finish(chat.ask(question, on_token=streamer, **options))
+        try:
+            if args.json:
+                text = chat.ask(question, **options)
+                print(json.dumps(answer_record(None, args.image, question, text, chat), ensure_ascii=False),
+                      flush=True)
+            else:
+                streamer = Streamer(tokenizer)
+                streamer.finish(chat.ask(question, on_token=streamer, **options))
+        except OSError as e:                  # stdout is a full disk, or a pipe whose reader has gone
+            raise UsageError(stdout_failed(e)) from None
         if args.timing:
             print_timing(chat, device, startup)
 
@@ -309,7 +333,7 @@ def parse_line(line):
     """(the line's JSON object or why it cannot be asked, whether the line is a JSON object)."""
     try:
         item = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:   # ValueError: bad UTF-8 or JSON, an int of > 4300 digits
         return f"the line is not valid JSON ({str(e)[:200]})", False
     if not isinstance(item, dict):
         return "the line is not a JSON object", False
@@ -336,6 +360,10 @@ def read_batch(path):
                              '{"image": "photo.jpg", "question": "What is in it?"}')
 
     try:
+        # a FIFO or a device would block open() or read without end: refused before it is opened
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise UsageError(f"--batch {path} is not a regular file (a folder, a pipe or a device); "
+                             "pass a file of questions")
         with open(path, "rb") as f:
             if b"\0" in f.peek(SNIFF_BYTES)[:SNIFF_BYTES]:
                 raise UsageError(f"{path} holds binary data (a NUL byte near its start: an image? text saved as "
@@ -419,31 +447,48 @@ def lock_out(out_path):
     return fd
 
 
+def answer_key(line):
+    """The id (as JSON) of an answer line of this program, else None."""
+    try:
+        record = json.loads(line)
+        return json.dumps(record["id"]) if {"id", "answer", "error"} <= set(record) else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def answered_ids(out_path):
-    """The answers already in an output file, as (id as JSON, offset of its line) in the file's order. A
-    last line cut short by a killed process is removed, so that what follows is appended to whole lines
-    only; but only once every whole line is an answer and the cut one starts as an answer does, so that
-    a file of something else is never touched."""
+    """The answers already in an output file, as (id as JSON, offset of its line) in the file's order.
+    Blank lines are skipped (one is left where an answer was deleted by hand). A last line without its
+    newline is kept, the newline added, when it is a whole answer (an editor may strip the final
+    newline); cut short by a killed process, it is removed, so that what follows is appended to whole
+    lines only; but only once every whole line is an answer and the cut one starts as an answer does, so
+    that a file of something else is never touched."""
     if out_path is None or not out_path.is_file():
         return []
     data = out_path.read_bytes()
     whole, _, tail = data.rpartition(b"\n") if not data.endswith(b"\n") else (data, b"", b"")
+    whole += _                                           # the newline of the last whole line, if any
     done, offset = [], 0
-    for line in whole.splitlines(keepends=True):
-        try:
-            record = json.loads(line)
-            if not {"id", "answer", "error"} <= set(record):
-                raise KeyError("id")
-            done.append((json.dumps(record["id"]), offset))
-        except (ValueError, KeyError, TypeError):
-            raise UsageError(f"{out_path} has lines that are not answers of this program; "
-                             "pass another --out") from None
+    for number, line in enumerate(whole.splitlines(keepends=True), 1):
+        if not line.isspace():
+            key = answer_key(line)
+            if key is None:
+                raise UsageError(f"{out_path} has lines that are not answers of this program (line {number}); "
+                                 "pass another --out")
+            done.append((key, offset))
         offset += len(line)
     if tail:
-        if not tail.startswith(b'{"id": '):
+        key = None if tail.isspace() else answer_key(tail)
+        if key is None and not tail.isspace() and not tail.startswith(b'{"id": '):
             raise UsageError(f"{out_path} does not end with an answer of this program; pass another --out")
         with open(out_path, "r+b") as f:
-            f.truncate(len(data) - len(tail))
+            if key is not None or tail.isspace():        # a whole answer (or blanks): only its newline is missing
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+            else:                                        # cut short: removed, to be answered again
+                f.truncate(len(data) - len(tail))
+        if key is not None:
+            done.append((key, offset))
     return done
 
 
@@ -484,6 +529,21 @@ def append_whole(fd, text):
         except OSError:
             pass                # left to the rerun, which removes a cut last line (answered_ids)
         raise
+
+
+def stdout_failed(e, batch=False):
+    """The line for a failed write to stdout. Nothing more can go there: stdout is pointed at the null
+    device, so that Python's flush at exit does not fail a second time (a traceback-like complaint and
+    exit code 120 after our line)."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError):        # ValueError: stdout replaced by an object without a file number
+        pass
+    if e.errno == errno.EPIPE:
+        return "stdout was closed before the answer was written (a pipe whose reader ended)"
+    return write_error(None, e) if batch else f"cannot write the answer to stdout ({e.strerror})"
 
 
 def write_error(out_path, e):
@@ -565,13 +625,15 @@ def answer_groups(args, todo, fd):
     model, tokenizer, config, device = load(args)
     # A --max-new-tokens too large for any question would turn every line that uses it into an error
     # answer, each then counted as answered: refused once instead (a line's own limit is that line's error).
+    system = FV.SYSTEM_PROMPT if args.system is None else args.system
+    # so would a --system too long for any question (it is in every conversation's first turn)
+    check_system(FV.Chat(model, tokenizer, None, config, system=system))
     context = FV.Chat(model, tokenizer, None, config).context
     room = context - model.vision_tower.cfg.num_tokens()
     if args.max_new_tokens >= room and any(e["error"] is None and not e["own_limit"] for g in todo for e in g):
         raise UsageError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a question in the model's "
                          f"context of {context} tokens ({context - room} of them the image's); pass less than {room}")
     base = args.batch.parent
-    system = FV.SYSTEM_PROMPT if args.system is None else args.system
     failed = 0
     encoded = OrderedDict()                              # image path -> its (1, N, d) embeddings, the last 16
     options = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
@@ -595,7 +657,9 @@ def answer_groups(args, todo, fd):
                         if len(encoded) > 16:
                             encoded.popitem(last=False)
                     except (FV.InputError, CheckpointError) as e:
-                        record["error"] = str(e)
+                        # the limit that did not fit is the line's own, not the run's option
+                        record["error"] = str(e).replace("--max-new-tokens", 'the line\'s "max_new_tokens"') \
+                            if entry["own_limit"] else str(e)
                 failed += record["error"] is not None
                 lines.append(json.dumps(record, ensure_ascii=False) + "\n")
                 bar.update()
@@ -606,7 +670,7 @@ def answer_groups(args, todo, fd):
                     sys.stdout.write("".join(lines))      # shell opened), which is what --out is for
                     sys.stdout.flush()
             except OSError as e:
-                raise UsageError(write_error(args.out, e)) from None
+                raise UsageError(write_error(args.out, e) if fd is not None else stdout_failed(e, batch=True)) from None
     if failed:
         print(f"{failed} of {sum(len(g) for g in todo)} questions could not be answered (see their \"error\"); "
               "to ask one again, delete its line from the answers and rerun", file=sys.stderr)

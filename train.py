@@ -47,7 +47,6 @@ import errno
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -62,7 +61,7 @@ import torch.nn.functional as F
 import fastvlm as FV
 import qwen2
 import repmixer
-from checkpoint import CheckpointError, write_safetensors
+from checkpoint import CheckpointError, write_errno, write_safetensors
 
 # The tiny model's architecture: FastViTHD's structure (5 stages, RepMixer then attention, final
 # expansion) at 256 px -> 4 x 4 = 16 visual tokens, and a 4-layer Qwen2. About 1.2 M parameters.
@@ -86,6 +85,8 @@ MAX_STEPS = 10_000_000       # a typo guard: at one step a second, about four mo
 MAX_STEP_SAMPLES = 4096      # samples per process per step: a step's micro-batches are decoded and held together
 MAX_LENGTH = 32768           # Qwen2's context (max_position_embeddings in the released FastVLM configs)
 MAX_IMAGE_SIZE = 4096        # the largest side repmixer.FastViTHDConfig accepts: a checkpoint must load again
+MAX_SEED = 2**64 - 1 - MAX_STEPS   # torch's generators take values below 2**64, and the distributed
+                                   # sampler draws epoch e's order from the seed + e (at most MAX_STEPS epochs)
 
 
 class DataError(ValueError):
@@ -413,16 +414,16 @@ def load_state(path):
                         "checkpoint beside it with --init (without --resume), or from an earlier run") from None
 
 
-def parse_sizes(text, vision_cfg):
-    """`--image-sizes 512,768,1024` -> [512, 768, 1024]: rising, each a positive multiple of the encoder's
-    stride and at most MAX_IMAGE_SIZE (64000 once reached PIL and failed there with a MemoryError)."""
+def read_sizes(text):
+    """`--image-sizes 512,768,1024` -> [512, 768, 1024]: rising and at most MAX_IMAGE_SIZE (64000 once
+    reached PIL and failed there with a MemoryError). Checked before anything loads (check_arguments);
+    parse_sizes adds the encoder's stride once the model is there."""
     try:
         sizes = [int(t) for t in text.split(",")]
     except ValueError:
         raise DataError(f"--image-sizes {text!r}: give sizes in pixels separated by commas, e.g. 512,768,1024") from None
-    bad = [n for n in sizes if n <= 0 or n % vision_cfg.stride]
-    if bad:
-        raise DataError(f"--image-sizes: {bad[0]} is not a positive multiple of the encoder's stride {vision_cfg.stride}")
+    if min(sizes) <= 0:
+        raise DataError(f"--image-sizes: {min(sizes)} is not a size in pixels; give positive sizes, e.g. 512,768,1024")
     big = [n for n in sizes if n > MAX_IMAGE_SIZE]
     if big:
         raise DataError(f"--image-sizes: {big[0]} is above {MAX_IMAGE_SIZE} px, the largest side a FastViTHD config "
@@ -430,6 +431,15 @@ def parse_sizes(text, vision_cfg):
     if any(b <= a for a, b in zip(sizes, sizes[1:])):
         raise DataError(f"--image-sizes {text}: the sizes must rise, one share of the steps each in order (stage "
                         "1.5 trains at increasing resolutions), e.g. 512,768,1024")
+    return sizes
+
+
+def parse_sizes(text, vision_cfg):
+    """read_sizes, each size also a positive multiple of the encoder's stride (known once the model is)."""
+    sizes = read_sizes(text)
+    bad = [n for n in sizes if n % vision_cfg.stride]
+    if bad:
+        raise DataError(f"--image-sizes: {bad[0]} is not a positive multiple of the encoder's stride {vision_cfg.stride}")
     return sizes
 
 
@@ -452,7 +462,9 @@ def check_arguments(args):
               ("--stop-after", args.stop_after, 1, MAX_STEPS, typo), ("--eval-every", args.eval_every, 0, MAX_STEPS, typo),
               ("--workers", args.workers, 0, cpus, "the CPUs this process may use: each worker is a process that "
                                                    "decodes on a core of its own, more only compete for cores and memory"),
-              ("--threads", args.threads, 1, cpus, "the CPUs this process may use: more threads only compete for them"))
+              ("--threads", args.threads, 1, cpus, "the CPUs this process may use: more threads only compete for them"),
+              ("--seed", args.seed, 0, MAX_SEED, "torch's generators take seeds below 2**64, and each epoch's data "
+                                                 f"order is seeded with the seed + the epoch, up to {MAX_STEPS:,}"))
     for name, value, low, high, why in counts:
         if value is not None and value < low:
             raise DataError(f"{name} must be at least {low}" + (" (the prompt template alone takes about 25 tokens)"
@@ -472,6 +484,8 @@ def check_arguments(args):
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         raise DataError("--weight-decay must be a finite number >= 0 (AdamW shrinks each weight by lr x weight "
                         "decay of itself every step)")
+    if args.image_sizes:
+        read_sizes(args.image_sizes)              # the stride check waits for the model (parse_sizes)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; choose a folder")
@@ -484,9 +498,27 @@ def check_arguments(args):
         raise DataError(f"--out {out}: {parent} is not writable; choose a folder you can write to")
 
 
+def plan_steps(args, n_records, world):
+    """(samples per process per step, steps per epoch, total steps) for `n_records` records, from the
+    options and the data alone: called before the model loads, so that an --epochs that gives too many
+    steps is refused at once. The distributed sampler (drop_last) gives each process n_records // world."""
+    per_step = args.batch_size * args.grad_accum            # samples per process per optimizer step
+    steps_per_epoch = n_records // world // per_step
+    if steps_per_epoch == 0:
+        raise DataError(f"{' '.join(args.data)}: {n_records} records are fewer than one global batch "
+                        f"({per_step * world}); lower --batch-size or --grad-accum")
+    total_steps = args.steps or max(1, int(args.epochs * steps_per_epoch))
+    if total_steps > MAX_STEPS:
+        raise DataError(f"--epochs {args.epochs:g} gives {total_steps:,} steps, more than {MAX_STEPS:,} (a guard "
+                        "against typos: at one step a second that is about four months)")
+    return per_step, steps_per_epoch, total_steps
+
+
 def clean_leftovers(out):
-    """Remove the temporary folders of saves that a crash or a signal interrupted (they hold disk space)."""
+    """Remove the temporary folders of saves that a crash or a signal interrupted (they hold disk space),
+    and a log rewrite's temporary file (trim_log) that a kill left behind."""
     out = Path(out)
+    (out / "log.jsonl.tmp").unlink(missing_ok=True)
     if out.parent.is_dir():
         for left in out.parent.glob(f".{out.name}.tmp-*"):
             shutil.rmtree(left, ignore_errors=True)
@@ -495,22 +527,6 @@ def clean_leftovers(out):
                 shutil.rmtree(left, ignore_errors=True)
             else:                            # interrupted between the two renames: put the old one back
                 left.rename(out)
-
-
-def write_errno(e):
-    """The system's error number behind a failed write, or None: an OSError's own, one further down the
-    chain (torch.save writing to a Python file raises a RuntimeError whose context is the OSError), or
-    the "(os error N)" that the Rust writers of safetensors and tokenizers put in their message."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno:
-            return e.errno
-        found = re.search(r"\(os error (\d+)\)", str(e))
-        if found:
-            return int(found.group(1))
-        e = e.__cause__ or e.__context__
-    return None
 
 
 def write_failure(e, doing, out):
@@ -583,7 +599,9 @@ def cosine_with_warmup(step, total, warmup):
     over the first `warmup` steps, reaching the peak at step warmup - 1, then a cosine decay to 0 at step
     `total` (LLaVA-1.5: --warmup_ratio 0.03 --lr_scheduler_type cosine, i.e. transformers'
     get_cosine_schedule_with_warmup). One difference: transformers' warm-up starts at step / warmup, which
-    makes the first step a step at lr 0 that updates nothing; here it starts at (step + 1) / warmup."""
+    makes the first step a step at lr 0 that updates nothing; here it starts at (step + 1) / warmup.
+    Another: the number of warm-up steps is max(1, round(ratio x total)) here (train() computes it),
+    math.ceil(ratio x total) in transformers' get_warmup_steps; they differ by one step at most."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -770,7 +788,8 @@ def build_parser():
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute activations in the backward pass (LLM layers, encoder stages): less memory")
     p.add_argument("--image-sizes", help="comma-separated image sizes for equal shares of the run, rising: "
-                   "512,768,1024 trains the first third of the steps at 512 px (default: the model's size)")
+                   "512,768,1024 trains the first third of the steps at 512 px (default: the model's size; with --resume, "
+                   "the schedule the run was started with)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes that decode and preprocess "
                    "ahead of the training loop, at most one per CPU; 0: in the loop (default: %(default)s)")
     p.add_argument("--skip-missing-images", action="store_true",
@@ -823,10 +842,11 @@ def parse_args(argv):
     return build_parser().parse_args(argv)
 
 
-def trim_log(path, last):
+def trim_log(path, last, out):
     """On --resume: keep the log rows up to global step `last`, the checkpoint's. A run that stopped
     after logging steps it did not save (killed, a failed save) logs them again when resumed; a line cut
-    short by a kill goes too. Rewritten whole and swapped in, only when something must go."""
+    short by a kill goes too. Rewritten whole and swapped in, only when something must go; a rewrite
+    that fails (a full disk) is one line, and the log stays as it was, with no temporary file beside it."""
     if not path.is_file():
         return
     lines = path.read_text().splitlines()
@@ -840,8 +860,12 @@ def trim_log(path, last):
             kept.append(line)
     if kept != lines:
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+        try:
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise (write_failure(e, f"trimming {path}", out) or e) from None
 
 
 def gpu_memory(device):
@@ -892,6 +916,7 @@ def train(args, world, rank):
     clean_leftovers(out)
     records, summary, counts = load_datasets(args.data, args.images, args.skip_missing_images)
     held_out = load_datasets(args.eval_data, [args.eval_images or args.images[0]])[0] if args.eval_data else None
+    per_step, steps_per_epoch, total_steps = plan_steps(args, len(records), world)   # before the model loads
     torch.manual_seed(args.seed)
 
     if args.resume:
@@ -901,7 +926,7 @@ def train(args, world, rank):
         model, tokenizer = model_from_state(state, out)
         from_scratch = not state["fused"]
         base_config = FV.read_config(out)
-        trim_log(out / "log.jsonl", state.get("prior_steps", 0) + state["step"])
+        trim_log(out / "log.jsonl", state.get("prior_steps", 0) + state["step"], out)
     else:
         if out.exists() and any(out.iterdir()):
             raise DataError(f"{out} exists and is not empty; choose a new --out or pass --resume")
@@ -926,15 +951,7 @@ def train(args, world, rank):
     dataset = Dataset(records, None, tokenizer, core.image_size, args.max_length)
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
-    per_step = args.batch_size * args.grad_accum            # samples per process per optimizer step
-    steps_per_epoch = len(sampler) // per_step
-    if steps_per_epoch == 0:
-        raise DataError(f"{' '.join(args.data)}: {len(records)} records are fewer than one global batch "
-                        f"({per_step * world}); lower --batch-size or --grad-accum")
-    total_steps = args.steps or max(1, int(args.epochs * steps_per_epoch))
-    if total_steps > MAX_STEPS:
-        raise DataError(f"--epochs {args.epochs:g} gives {total_steps:,} steps, more than {MAX_STEPS:,} (a guard "
-                        "against typos: at one step a second that is about four months)")
+    assert len(sampler) == len(records) // world            # what plan_steps counted with
     image_sizes = parse_sizes(args.image_sizes, core.vision_tower.cfg) if args.image_sizes else (
         state.get("image_sizes") if state is not None and state.get("image_sizes") else [core.image_size])
     params = [p for p in core.parameters() if p.requires_grad]

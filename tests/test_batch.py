@@ -301,7 +301,8 @@ def test_timing_adds_its_lines_on_stderr_only(fast_load, model_dir, images, caps
 def test_max_new_tokens_beyond_the_context(fast_load, model_dir, images, tmp_path, capsys, own):
     """--max-new-tokens beyond the model's context made every batch line an error answer, each then
     counted as answered: now one line and exit 2, nothing written. A line's own limit beyond the context
-    is that line's error, and then the run's --max-new-tokens, unused, is no reason to refuse."""
+    is that line's error (naming the line's "max_new_tokens", not --max-new-tokens), and then the run's
+    --max-new-tokens, unused, is no reason to refuse."""
     limit = {"max_new_tokens": 10 ** 6} if own else {}
     batch = write_jsonl(images / f"long_{own}.jsonl", [{"id": 1, "image": "img0.png", "question": "Hi?", **limit},
                                                        {"id": 2, "image": "img1.png", "question": "Hi?", **limit}])
@@ -312,6 +313,9 @@ def test_max_new_tokens_beyond_the_context(fast_load, model_dir, images, tmp_pat
     if own:
         assert code == 0 and [a["id"] for a in read_answers(out)] == [1, 2]
         assert all("the model's context is 8192" in a["error"] for a in read_answers(out))
+        # the limit to lower is the line's own field, not the option
+        assert all('the line\'s "max_new_tokens"' in a["error"] and "--max-new-tokens" not in a["error"]
+                   for a in read_answers(out))
     else:
         assert code == 2 and out_text == "" and len(err.strip().splitlines()) == 1
         assert "--max-new-tokens 100000 leaves no room" in err and "context of 8192 tokens" in err, err
@@ -459,3 +463,77 @@ def test_a_full_disk_stops_with_one_line_and_the_rerun_answers_the_rest(fast_loa
     got = read_answers(out)
     assert got[:len(kept)] == kept and [a["id"] for a in got] == list(range(1, 7))
     assert [a["answer"] for a in got] == api_answers(loaded, images, questions, max_new_tokens=4)
+
+
+# --- found by a red team -----------------------------------------------------------------------------------
+
+def test_a_huge_integer_is_a_bad_line(tmp_path):
+    """An integer of more than 4,300 digits makes json.loads raise a plain ValueError (Python's limit on
+    int-string conversion), not a JSONDecodeError: it was a traceback; now that line's error answer."""
+    batch = write_jsonl(tmp_path / "q.jsonl", ['{"id": 1' + "0" * 5000 + ', "image": "a", "question": "b"}',
+                                               {"image": "img0.png", "question": "Hi?"}])
+    items = infer.read_batch(batch)
+    assert [n for n, _ in items] == [1, 2] and items[1][1]["question"] == "Hi?"
+    assert items[0][1].startswith("the line is not valid JSON"), items[0][1]
+
+
+def test_a_system_prompt_too_long_is_refused_before_any_answer(fast_load, model_dir, images, tmp_path, capsys):
+    """A --system too long for any question made every line an error answer, exit 0, each counted as
+    answered, so that a rerun with a fixed --system answered nothing. Now one line naming --system, exit
+    2, nothing written; the rerun answers every line."""
+    batch = write_jsonl(images / "system.jsonl", [{"image": "img0.png", "question": "Hi?"},
+                                                  {"image": "img1.png", "question": "Hi?"}])
+    out = tmp_path / "answers.jsonl"
+    argv = ["--batch", str(batch), "--out", str(out), "--model", str(model_dir), "--max-new-tokens", "3"]
+    assert infer.main(argv + ["--system", "word " * 9000]) == 2
+    out_text, err = capsys.readouterr()
+    assert out_text == "" and len(err.strip().splitlines()) == 1 and "error: --system is too long" in err, err
+    assert out.read_text() == ""
+    assert infer.main(argv + ["--system", "Be brief."]) == 0
+    assert [(a["id"], a["error"]) for a in read_answers(out)] == [(1, None), (2, None)]
+
+
+def test_a_last_answer_without_its_newline_is_kept(tmp_path):
+    """A whole last answer whose final newline an editor stripped was cut away as if a kill had cut it,
+    and asked again. Now it counts as answered and gets its newline back; a last line cut short is still
+    removed."""
+    first, last = ({"id": i, "image": "a", "question": "q", "answer": "x", "error": None} for i in (1, 2))
+    out = tmp_path / "answers.jsonl"
+    out.write_text(json.dumps(first) + "\n" + json.dumps(last))
+    whole = json.dumps(first) + "\n" + json.dumps(last) + "\n"
+    assert infer.answered_ids(out) == [("1", 0), ("2", len(json.dumps(first)) + 1)]
+    assert out.read_text() == whole
+    out.write_text(whole + json.dumps(last)[:-5])                     # killed inside the next write
+    assert [key for key, _ in infer.answered_ids(out)] == ["1", "2"] and out.read_text() == whole
+
+
+def test_blank_lines_in_out_are_skipped_and_a_foreign_line_is_named(tmp_path):
+    """An answer deleted by hand (as the run advises, to ask it again) may leave a blank line, which made
+    --out refused as "not answers"; blank lines are skipped now. A line that is not an answer is named
+    by its number."""
+    answer = json.dumps({"id": 1, "image": "a", "question": "q", "answer": "x", "error": None}) + "\n"
+    out = tmp_path / "answers.jsonl"
+    out.write_text("\n" + answer + "  \n" + answer.replace('"id": 1', '"id": 3'))
+    assert infer.answered_ids(out) == [("1", 1), ("3", 1 + len(answer) + 3)]
+    out.write_text(answer + "\n" + "my notes\n" + answer)
+    with pytest.raises(infer.UsageError, match=r"not answers of this program \(line 3\)"):
+        infer.answered_ids(out)
+
+
+def test_a_question_file_that_is_a_pipe_is_refused(tmp_path):
+    """--batch on a FIFO with no writer hung in open() for ever; a path that is not a regular file is
+    refused in one line before it is opened. (The alarm ends the test should open() block.)"""
+    os.mkfifo(tmp_path / "pipe")
+
+    def hung(*args):
+        raise TimeoutError("read_batch blocked on the FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        for path in (tmp_path / "pipe", tmp_path):
+            with pytest.raises(infer.UsageError, match="is not a regular file"):
+                infer.read_batch(path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -478,3 +478,55 @@ def test_weights_of_the_wrong_kind_or_tokenizer_of_another_model(capsys, model_d
     other = copy_model(model_dir, tmp_path / "other")       # a valid tokenizer.json, of another kind of model:
     Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(other / "tokenizer.json"))
     assert_one_line_error(*run(capsys, photo, "q", "--model", other), "no <|im_start|> token")   # no chat tokens
+
+
+@pytest.mark.parametrize("to,extra", [("full", ["--json"]), ("closed pipe", [])], ids=["disk full, --json", "EPIPE"])
+def test_a_failed_write_to_stdout_is_one_line(model_dir, photo, to, extra):
+    """One question with stdout on a full disk (/dev/full) or a pipe whose reader has gone (`| head -c1`)
+    ended in a traceback, then Python's own complaint at exit when it flushed stdout again. Now one line
+    and exit 2: stdout is pointed at the null device once a write to it failed."""
+    command = [sys.executable, str(ROOT / "infer.py"), str(photo), "Describe it.", "--model", str(model_dir),
+               "--max-new-tokens", "3", *extra]
+    if to == "full":
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+        code, err = proc.returncode, proc.stderr
+    else:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc.stdout.close()                    # the reader is gone long before the model is loaded
+        err = proc.communicate(timeout=120)[1]
+        code = proc.returncode
+    expected = ("error: cannot write the answer to stdout (No space left on device)" if to == "full" else
+                "error: stdout was closed before the answer was written (a pipe whose reader ended)")
+    assert code == 2 and err.splitlines() == [expected], err
+
+
+def test_a_system_prompt_too_long_for_any_question_is_named(capsys, model_dir, photo, small_model, monkeypatch):
+    """A --system that alone fills the context failed with a message about the question ("the
+    conversation needs ... ask a shorter question"), which no shorter question could fix: now the line
+    names --system. A huge one is refused from its byte length, before it is tokenized."""
+    long = "word " * 9000                                       # about 9,000 tokens > the 8,192 of the context
+    assert_one_line_error(*run(capsys, photo, "Hi?", "--model", model_dir, "--system", long),
+                          "--system is too long", "context of 8192 tokens")
+    model, tokenizer, config = small_model
+    room = 8192 - model.vision_tower.cfg.num_tokens()
+    huge = "x" * (FV.NFC_MAX_SHRINK * room * FV.longest_token_bytes(tokenizer) + 1)
+
+    def tokenized(*args, **kwargs):
+        raise AssertionError("the system prompt was tokenized")
+
+    monkeypatch.setattr(FV, "turn_ids", tokenized)
+    with pytest.raises(infer.UsageError, match="--system is too long"):
+        infer.check_system(FV.Chat(model, tokenizer, None, config, system=huge))
+
+
+def test_after_a_failed_write_stdout_goes_nowhere(tmp_path, monkeypatch):
+    """Once a write to stdout failed, what is still buffered or printed after (Python flushes stdout at
+    exit) must not fail a second time after the one error line: stdout's file is the null device."""
+    with open(tmp_path / "stdout", "w") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        line = infer.stdout_failed(OSError(32, "Broken pipe"))          # EPIPE
+        stdout.write("written after the failure")
+        stdout.flush()
+    assert line == "stdout was closed before the answer was written (a pipe whose reader ended)"
+    assert (tmp_path / "stdout").read_text() == ""

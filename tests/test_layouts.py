@@ -255,10 +255,16 @@ def test_a_path_is_never_looked_up_on_the_hub(tmp_path, monkeypatch):
             FV.resolve_model(name)
         assert str(refused.value) == f"model folder not found: {name}{near}; pass the folder that holds config.json"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CheckpointError, match=r"^model folder not found: checkpoints/FastVLM-0\.5B, nor is "
-                       r"checkpoints/FastVLM-0\.5B a cached or downloadable Hugging Face Hub repo .*"
-                       r"`hf download checkpoints/FastVLM-0\.5B`"):
+    with pytest.raises(CheckpointError, match=r"^model folder not found: checkpoints/FastVLM-0\.5B \(there is no "
+                       r"folder checkpoints here\), nor is checkpoints/FastVLM-0\.5B a cached or downloadable "
+                       r"Hugging Face Hub repo .*`hf download checkpoints/FastVLM-0\.5B` .* if it is a repo id, "
+                       r"or, if it is meant as a folder, .*`hf download apple/FastVLM-0\.5B --local-dir "
+                       r"checkpoints/FastVLM-0\.5B`\)$"):
         FV.resolve_model("checkpoints/FastVLM-0.5B")                  # no `checkpoints` here: either
+    home = tmp_path / "home"
+    (home / "my-model").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    assert FV.resolve_model("~/my-model") == home / "my-model"       # `--model=~/x`: no shell expanded it
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(CheckpointError, match=r"^model folder not found: checkpoints/FastVLM-0\.5B \(a path, "
                        r"since checkpoints is a folder here; .*\); pass the folder that holds config\.json$"):
@@ -280,8 +286,9 @@ def test_without_a_network_a_hub_name_gets_the_download_hint(tmp_path):
                                str(FIXTURES / "e2e_image.png"), "What is it?", "--model", "apple/FastVLM-0.5B"],
                               capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
-    assert proc.stderr.startswith("error: model folder not found: apple/FastVLM-0.5B, nor is apple/FastVLM-0.5B a "
-                                  "cached or downloadable Hugging Face Hub repo (it is not in the cache ")
+    assert proc.stderr.startswith("error: model folder not found: apple/FastVLM-0.5B (there is no folder apple here), "
+                                  "nor is apple/FastVLM-0.5B a cached or downloadable Hugging Face Hub repo (it is "
+                                  "not in the cache ")
     assert "the Hub could not be reached: ConnectError" in proc.stderr
     assert "run `hf download apple/FastVLM-0.5B` where the Hub can be reached" in proc.stderr
 
@@ -313,7 +320,8 @@ def test_what_the_hub_answered_is_told_apart(tmp_path, monkeypatch):
         with pytest.raises(CheckpointError) as refused:
             FV.resolve_model("apple/x")
         message = str(refused.value)
-        assert message.startswith("model folder not found: apple/x, nor is apple/x a cached or downloadable")
+        assert message.startswith("model folder not found: apple/x (there is no folder apple here), nor is apple/x "
+                                  "a cached or downloadable")
         assert fragment in message and ("`hf download apple/x`" in message) == hint and "\n" not in message
 
 
@@ -341,6 +349,23 @@ def test_converted_files_respect_the_umask_and_to_names_the_layout(tmp_path, cap
     for folder in (tmp_path / "hf", tmp_path / "back"):
         assert folder.stat().st_mode & 0o777 == 0o750
         assert {f.name: f.stat().st_mode & 0o777 for f in folder.iterdir()} == {f.name: 0o640 for f in folder.iterdir()}
+
+
+def test_a_file_size_limit_while_converting_is_one_line_and_leaves_nothing(tmp_path):
+    """Under `ulimit -f` safetensors fails with its own error type ("File too large (os error 27)"), which
+    convert.py let through as a traceback (it looked only for "No space left"). Now one line with the
+    cause and the fix, exit 2, and no folder (temporary or final) left behind."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))       # the weights are ~5 MB
+
+    proc = subprocess.run([sys.executable, str(Path(convert.__file__)), str(TINY), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: cannot write {tmp_path / 'out'} (File too large); nothing was kept: raise "
+                                  "this process's file-size limit (ulimit -f) and rerun"), proc.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_untied_head_is_padded_like_the_embedding_and_converts_back(tmp_path):

@@ -62,7 +62,8 @@ def test_default_options_are_llava_1_5s():
     assert args.weight_decay == 0.0             # both: --weight_decay 0.
     assert args.clip == 1.0                     # transformers' TrainingArguments max_grad_norm, which LLaVA keeps
     assert args.max_length == 2048              # both: --model_max_length 2048
-    assert args.batch_size == 16                # both: --per_device_train_batch_size 16
+    assert args.batch_size == 16                # finetune.sh: --per_device_train_batch_size 16 (x 8 GPUs = 128);
+                                                # pretrain.sh uses 32 (x 8 = 256): pass --batch-size 32 for stage 1
     assert args.grad_accum == 1                 # finetune.sh: --gradient_accumulation_steps 1
     assert args.loss_average == "token"         # LLaVA's loss: cross-entropy averaged over the answer tokens
     assert {stage: (set(parts), lr) for stage, (parts, lr) in T.STAGES.items()} == RECIPE

@@ -266,7 +266,7 @@ def test_rising_image_sizes(data, tmp_path, monkeypatch):
 
 def test_bad_image_sizes(capsys, data, tmp_path):
     """--image-sizes that are not multiples of the encoder's stride are refused in one line."""
-    msg = last_error(capsys, run(data, tmp_path / "o", [data / "train.json"], "--image-sizes", "128,100"))
+    msg = last_error(capsys, run(data, tmp_path / "o", [data / "train.json"], "--image-sizes", "100,128"))
     assert "100 is not a positive multiple of the encoder's stride 64" in msg
 
 

@@ -87,14 +87,52 @@ def test_epochs_set_the_number_of_steps(capsys, data, plain, tmp_path):
     assert [r["step"] for r in log_rows(tmp_path / "half") if r["global_step"] > 5] == [1, 2]
 
 
-def test_warmup_sets_the_logged_learning_rates(data, base, plain, tmp_path):
+def test_warmup_sets_the_logged_learning_rates(data, base, plain, tmp_path, monkeypatch):
     """--warmup: each log row's lr is the one its step trained at. 4 steps at peak 1e-3: the default
     3 % rounds to 1 warm-up step (the peak at once), then the cosine over the 3 left; --warmup 0.5 is 2
-    warm-up steps, 1/2 then 1, then the cosine over 2."""
+    warm-up steps, 1/2 then 1, then the cosine over 2. The lr is read from the optimizer when it steps:
+    a scheduler stepped before the optimizer logs the intended lr but trains at the next step's."""
     lrs = [r["lr"] for r in log_rows(plain)][1:]
     assert lrs == pytest.approx([1e-3, 1e-3, 0.75e-3, 0.25e-3], rel=1e-12)
+    stepped, adamw_step = [], torch.optim.AdamW.step
+
+    def recording(self, *a, **k):
+        stepped.append(self.param_groups[0]["lr"])
+        return adamw_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
     assert run(data, tmp_path / "w", "--lr", "1e-3", "--warmup", "0.5", init=base) == 0
     assert [r["lr"] for r in log_rows(tmp_path / "w")][1:] == pytest.approx([0.5e-3, 1e-3, 1e-3, 0.5e-3], rel=1e-12)
+    assert stepped == [r["lr"] for r in log_rows(tmp_path / "w")][1:]
+
+
+def test_each_epoch_reads_the_data_in_the_distributed_samplers_order(data, base, tmp_path, monkeypatch):
+    """Two epochs with --seed 3: the records are read in the order of a shuffling DistributedSampler given
+    the same 3, at epoch 0, then at epoch 1 (a sampler never told its epoch repeats the first epoch's order;
+    one that does not shuffle reads the file in order every epoch)."""
+    read = []
+    getitem = T.Dataset.__getitem__
+    monkeypatch.setattr(T.Dataset, "__getitem__", lambda self, i: read.append(i) or getitem(self, i))
+    assert run(data, tmp_path / "e", "--lr", "1e-3", "--epochs", "2", "--seed", "3", init=base) == 0
+    sampler = torch.utils.data.DistributedSampler(range(8), num_replicas=1, rank=0, shuffle=True, seed=3)
+    expected = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        expected.append(list(sampler))
+    assert expected[0] != expected[1] and sorted(expected[0]) != expected[0]     # (the checks can fail)
+    assert read == expected[0] + expected[1]
+
+
+def test_the_largest_seed_lasts_the_longest_run():
+    """--seed 18446744073709551615 (2**64 - 1) passed, then failed at the epoch boundary with a traceback:
+    the sampler draws epoch e's order from the seed + e, past what torch's generators take. MAX_SEED leaves room for
+    MAX_STEPS epochs, and no more is needed (at least one step an epoch)."""
+    sampler = torch.utils.data.DistributedSampler(range(4), num_replicas=1, rank=0, shuffle=True, seed=T.MAX_SEED)
+    sampler.set_epoch(T.MAX_STEPS)
+    assert sorted(sampler) == [0, 1, 2, 3]
+    sampler.seed += 1
+    with pytest.raises(ValueError):                   # (torch: "Overflow when unpacking long long")
+        list(sampler)
 
 
 def test_weight_decay_shrinks_each_weight_by_lr_times_decay(data, base, tmp_path):
@@ -293,11 +331,24 @@ def test_grad_accum_equals_a_larger_batch(data, base, tmp_path):
     ("--image-sizes", "64000", "--image-sizes: 64000 is above 4096 px, the largest side a FastViTHD config accepts"),
     ("--image-sizes", "256,128", "--image-sizes 256,128: the sizes must rise"),
     ("--image-sizes", "128,128", "the sizes must rise"),
+    ("--image-sizes", "0,128", "--image-sizes: 0 is not a size in pixels"),
+    ("--seed", "99999999999999999999", f"--seed must be at most {T.MAX_SEED:,} (torch's generators take seeds"),
+    ("--seed", str(2**64 - 1), f"--seed must be at most {T.MAX_SEED:,}"),
+    ("--seed", "-1", "--seed must be at least 0"),
 ])
-def test_counts_and_sizes_have_upper_bounds(capsys, data, tmp_path, option, value, fragment):
+def test_counts_and_sizes_have_upper_bounds(capsys, data, tmp_path, monkeypatch, option, value, fragment):
     """Every count or size an option takes is bounded, in one line that names the bound and why
     (--workers 100000 started about 1,600 processes and filled 24 GB; --image-sizes 64000 reached PIL
-    and died there with a MemoryError; falling sizes passed although the help says they rise)."""
+    and died there with a MemoryError; falling sizes passed although the help says they rise; --seed
+    2**64 - 1 failed at the second epoch with a traceback), and refused before anything loads: the data
+    only where the bound needs its record count, the model never (--image-sizes 64000 and --epochs 5e6
+    were refused after loading the model, minutes for the 0.5B one)."""
+    def never(*a, **k):
+        raise AssertionError(f"{option} {value} was refused only after loading")
+
+    monkeypatch.setattr(T, "initialise", never)
+    if "gives" not in fragment:          # the steps an --epochs gives need the data's record count
+        monkeypatch.setattr(T, "load_datasets", never)
     msg = one_error(capsys, run(data, tmp_path / "o", option, value))
     assert fragment in msg
     assert not (tmp_path / "o").exists()
@@ -396,6 +447,32 @@ def test_file_size_limit_at_a_resumed_save_keeps_the_checkpoint(capsys, data, tm
     assert T.main([str(a) for a in [*common, "--resume"]]) == 0
     assert [r["global_step"] for r in log_rows(out)] == [1, 2]
     assert state(out)["step"] == 2
+
+
+def test_full_disk_while_trimming_the_log_on_resume(capsys, data, tmp_path):
+    """--resume rewrites log.jsonl without the rows of steps the checkpoint does not hold; a full disk
+    there gave a traceback and left log.jsonl.tmp behind. Now: one line that names the log and says the
+    checkpoint is intact, the log as it was, no temporary file; --resume then trims and ends the run,
+    and a log.jsonl.tmp that a kill left is removed when a run starts (clean_leftovers), nothing else."""
+    out = tmp_path / "o"
+    common = ["--stage", "2", "--data", data / "train.json", "--images", data / "images", "--out", out,
+              "--batch-size", "2", "--steps", "2", "--no-progress", "--threads", "1"]
+    assert T.main([str(a) for a in [*common, "--init", "scratch", "--stop-after", "1"]]) == 0
+    with open(out / "log.jsonl", "a") as log:          # a step logged but not saved (a killed run)
+        log.write(json.dumps({"stage": "2", "step": 2, "global_step": 2, "loss": 1.0}) + "\n")
+    before = (out / "log.jsonl").read_bytes()
+    capsys.readouterr()
+    with file_size_limit(16):                          # the trimmed log is longer than 16 bytes
+        code = T.main([str(a) for a in [*common, "--resume"]])
+    msg = one_error(capsys, code)
+    assert f"while trimming {out / 'log.jsonl'}" in msg and "file-size limit" in msg and "intact" in msg
+    assert (out / "log.jsonl").read_bytes() == before and not (out / "log.jsonl.tmp").exists()
+    assert T.main([str(a) for a in [*common, "--resume"]]) == 0
+    assert not (out / "log.jsonl.tmp").exists() and [r["global_step"] for r in log_rows(out)] == [1, 2]
+    kept = {f.name: f.read_bytes() for f in out.iterdir()}
+    (out / "log.jsonl.tmp").write_text("left by a kill\n")
+    T.clean_leftovers(out)                             # what every run does first
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == kept
 
 
 # --- what --skip-missing-images reports -----------------------------------------------------------------

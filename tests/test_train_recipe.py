@@ -56,7 +56,9 @@ def test_every_learnt_label_is_the_next_token_across_the_image_splice(data):
     single-turn, a multi-turn and a text-only conversation in one batch: (1) the learnt labels are
     exactly the answers and their <|im_end|>; (2) each learnt label is the token the LLM reads at its
     position (the image's N embeddings stand where its one placeholder stood); (3) step_loss is the mean,
-    over those positions, of -log p(the token at t + 1 | the logits at t), computed here by hand."""
+    over those positions, of -log p(the token at t + 1 | the logits at t), computed here by hand; with
+    --loss-average sample, the mean over the three conversations of each one's mean (a step normalised
+    by its tokens instead weighs a long conversation more, and only the loss's scale shows it)."""
     recs = records(data)
     multi = recs[0]
     single = {**recs[1], "conversations": recs[1]["conversations"][:2]}
@@ -69,7 +71,7 @@ def test_every_learnt_label_is_the_next_token_across_the_image_splice(data):
     logits, spread = model(pixels, ids, labels)
     n_image = model.vision_tower.cfg.num_tokens(SIZE, SIZE)
     assert n_image == 4
-    expected_loss, learnt = 0.0, 0
+    expected_loss, learnt, sample_means = 0.0, 0, []
     for b, r in enumerate((single, multi, text)):
         row = ids[b]
         at = (row == FV.IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
@@ -86,10 +88,15 @@ def test_every_learnt_label_is_the_next_token_across_the_image_splice(data):
         assert tokenizer.decode(read[where].tolist(), skip_special_tokens=False) == answers
         assert 0 not in where.tolist()    # (position 0 has no earlier position to predict it)
         logp = torch.log_softmax(logits[b], -1)
-        expected_loss += sum(-logp[t - 1, read[t]].item() for t in where.tolist())
+        row_loss = sum(-logp[t - 1, read[t]].item() for t in where.tolist())
+        expected_loss += row_loss
         learnt += len(where)
+        sample_means.append(row_loss / len(where))
     loss = T.step_loss(model, [(pixels, ids, labels)], "token", world=1)
     assert loss == pytest.approx(expected_loss / learnt, rel=1e-12)
+    loss = T.step_loss(model, [(pixels, ids, labels)], "sample", world=1)
+    assert loss == pytest.approx(sum(sample_means) / 3, rel=1e-12)
+    assert loss != pytest.approx(expected_loss / learnt, rel=1e-6)
 
 
 # --- schedule -------------------------------------------------------------------------------------------

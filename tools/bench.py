@@ -244,7 +244,8 @@ def bench_decoder(args):
           f"decode {new} -- {settings_line()}")
     print("| implementation | prefill (s) | decode tokens/s | decode bandwidth (GB/s) |\n|---|---|---|---|")
     for name, (tp, tps) in rows.items():
-        print(f"| {name} | {tp:.3f} | {shown_rate(tps)} | {shown_rate(tps and tps * bytes_per_token / 1e9)} |")
+        gbps_read = "too short to time" if tps is None else f"{tps * bytes_per_token / 1e9:.3g}"
+        print(f"| {name} | {tp:.3f} | {shown_rate(tps)} | {gbps_read} |")
     if "transformers" in rows:
         (a, b), (c, d) = rows["ours"], rows["transformers"]
         speed = f"{b / d:.2f}x" if b and d else "too short to time"

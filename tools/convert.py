@@ -25,6 +25,7 @@ may also be a Hugging Face repo id, found as infer.py's --model finds it (fastvl
 """
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -37,7 +38,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fastvlm as FV  # noqa: E402
-from checkpoint import CheckpointError, iter_safetensors, load_exact, safetensors_names, write_safetensors  # noqa: E402
+from checkpoint import (CheckpointError, iter_safetensors, load_exact, safetensors_names, write_errno,  # noqa: E402
+                        write_safetensors)
 
 SHARD_BYTES = 4 * 2**30          # shards of at most this many bytes, as save_pretrained writes them
 CHAT_TEMPLATE = (  # transformers' template for FastVLM: Apple's qwen_2 conversation, the image before the text
@@ -203,13 +205,14 @@ def main(argv=None):
     except CheckpointError as e:
         print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         return 2
-    except OSError as e:     # the destination unwritable, under a file, or the disk full (nothing is left)
-        print(f"error: cannot write {args.dst} ({e.strerror or e}); choose another place", file=sys.stderr)
-        return 2
-    except Exception as e:   # safetensors reports a full disk with its own type
-        if "No space left" not in str(e):
+    except Exception as e:   # a failed write: an OSError, or safetensors' own type with "(os error N)" in it
+        number = write_errno(e)
+        if number is None:
             raise
-        print(f"error: no space left to write {args.dst}; nothing was kept, free some and rerun", file=sys.stderr)
+        fix = {errno.ENOSPC: "free some space", getattr(errno, "EDQUOT", -1): "free some space",
+               errno.EFBIG: "raise this process's file-size limit (ulimit -f)"}.get(number, "choose another place")
+        print(f"error: cannot write {args.dst} ({os.strerror(number)}); nothing was kept: {fix} and rerun",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -1,7 +1,7 @@
 """Do the tests catch real bugs? Plant plausible one-line bugs, one at a time, and run the tests that
 should notice.
 
-    python tools/mutants.py               # every mutant (about 15-25 minutes on 2 cores)
+    python tools/mutants.py               # every mutant (about 50 minutes on 2 cores)
     python tools/mutants.py --list        # the mutants and the tests each one runs
     python tools/mutants.py rope_start    # some of them, by name
 
@@ -522,7 +522,7 @@ MUTANTS += [
 # --- infer.py and batch mode: options, the --out lock, input that is not JSON lines, failed writes ---
 B = "tests/test_batch.py::"
 I = "tests/test_infer.py::"
-OPTIONS = (B + "test_batch_options_reach_every_answer",)
+BATCH_OPTIONS = (B + "test_batch_options_reach_every_answer",)
 FULL_OUT = (B + "test_a_full_disk_stops_with_one_line_and_the_rerun_answers_the_rest[out]",)
 FULL_STDOUT = (B + "test_a_full_disk_stops_with_one_line_and_the_rerun_answers_the_rest[stdout]",)
 LOCK = (B + "test_a_second_run_on_the_same_out_is_refused",)
@@ -531,19 +531,19 @@ MUTANTS += [
     # --- options that must reach every batch answer -------------------------------------------------------
     Mutant("batch_system_ignored", "infer.py",
            "    system = FV.SYSTEM_PROMPT if args.system is None else args.system\n",
-           "    system = FV.SYSTEM_PROMPT\n", OPTIONS, "--system ignored in batch mode"),
+           "    system = FV.SYSTEM_PROMPT\n", BATCH_OPTIONS, "--system ignored in batch mode"),
     Mutant("batch_top_p_ignored", "infer.py",
            "options = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)",
-           "options = dict(temperature=args.temperature, seed=args.seed)", OPTIONS, "--top-p ignored in batch mode"),
+           "options = dict(temperature=args.temperature, seed=args.seed)", BATCH_OPTIONS, "--top-p ignored in batch mode"),
     Mutant("batch_seed_ignored", "infer.py",
            "options = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)",
-           "options = dict(temperature=args.temperature, top_p=args.top_p)", OPTIONS, "--seed ignored in batch mode"),
+           "options = dict(temperature=args.temperature, top_p=args.top_p)", BATCH_OPTIONS, "--seed ignored in batch mode"),
     Mutant("batch_temperature_ignored", "infer.py",
            "options = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)",
-           "options = dict(top_p=args.top_p, seed=args.seed)", OPTIONS, "--temperature ignored in batch mode"),
+           "options = dict(top_p=args.top_p, seed=args.seed)", BATCH_OPTIONS, "--temperature ignored in batch mode"),
     Mutant("batch_run_limit_ignored", "infer.py",
            'max_new_tokens=item.get("max_new_tokens", args.max_new_tokens)',
-           'max_new_tokens=item.get("max_new_tokens", 256)', OPTIONS,
+           'max_new_tokens=item.get("max_new_tokens", 256)', BATCH_OPTIONS,
            "a line without max_new_tokens gets the default, not the run's --max-new-tokens"),
     Mutant("line_limit_ignored", "infer.py",
            'text = chat.ask(entry["question"], max_new_tokens=entry["max_new_tokens"], **options)',
@@ -590,6 +590,120 @@ MUTANTS += [
     Mutant("interrupted_conversation_kept", "infer.py", "        os.ftruncate(fd, last[0][1])\n", "",
            (B + "test_an_interrupted_chat_is_answered_again_whole",),
            "the rerun keeps a cut conversation's first answers: their ids end up twice in --out"),
+]
+MUTANTS += [
+    Mutant("tilde_not_expanded", "fastvlm.py", "    path = Path(name).expanduser()",
+           "    path = Path(name)", (LAYOUTS + "::test_a_path_is_never_looked_up_on_the_hub",),
+           "`--model=~/folder` (no shell expands it) is not found"),
+    Mutant("folder_to_be_hint_dropped", "fastvlm.py",
+           'f"a folder, download a release into it first (`hf download apple/FastVLM-0.5B --local-dir {repo}`)")',
+           'f"a folder, check the path")', (LAYOUTS + "::test_a_path_is_never_looked_up_on_the_hub",),
+           "the README's own folder, not downloaded yet, gets only the hint of a Hub repo id"),
+    Mutant("convert_failed_write_by_its_text", "tools/convert.py", "        number = write_errno(e)\n",
+           '        number = write_errno(e) if "No space left" in str(e) else None\n',
+           (LAYOUTS + "::test_a_file_size_limit_while_converting_is_one_line_and_leaves_nothing",),
+           "convert.py under `ulimit -f`: safetensors' error as a traceback"),
+]
+
+# --- training, after a review: the log's trim on resume, the seed's bound, options checked before loading, sample averaging, the order of optimizer and scheduler, the sampler's epochs
+BOUNDS = OPTIONS + "::test_counts_and_sizes_have_upper_bounds"
+
+MUTANTS += [
+    Mutant("trim_log_leaves_its_temporary_file", "train.py",
+           "            tmp.unlink(missing_ok=True)\n", "",
+           (OPTIONS + "::test_full_disk_while_trimming_the_log_on_resume",),
+           "a failed log rewrite leaves log.jsonl.tmp beside the log"),
+    Mutant("leftover_log_tmp_not_cleaned", "train.py",
+           '    (out / "log.jsonl.tmp").unlink(missing_ok=True)\n', "",
+           (OPTIONS + "::test_full_disk_while_trimming_the_log_on_resume",),
+           "a log.jsonl.tmp left by a kill stays in the run folder for good"),
+    Mutant("seed_bound_ignores_the_epochs", "train.py",
+           "MAX_SEED = 2**64 - 1 - MAX_STEPS   #", "MAX_SEED = 2**64 - 1              #",
+           (OPTIONS + "::test_the_largest_seed_lasts_the_longest_run", BOUNDS),
+           "the largest accepted seed overflows at the second epoch (seed + epoch)"),
+    Mutant("image_sizes_checked_after_the_model_loads", "train.py",
+           "        read_sizes(args.image_sizes)              # the stride check waits for the model (parse_sizes)",
+           "        args.image_sizes.split(\",\")              # the stride check waits for the model (parse_sizes)",
+           (BOUNDS,),
+           "--image-sizes 64000 or falling sizes refused only after the data and the model have loaded"),
+    Mutant("sample_average_counts_tokens", "train.py",
+           'return valid.sum() if average == "token" else (valid.sum(1) > 0).sum()',
+           "return valid.sum()",
+           (RECIPE + "::test_every_learnt_label_is_the_next_token_across_the_image_splice",),
+           "--loss-average sample divides by the step's tokens: a token mean with another scale"),
+    Mutant("scheduler_stepped_before_the_optimizer", "train.py",
+           "                optimizer.step()\n                optimizer.zero_grad(set_to_none=True)\n                scheduler.step()\n",
+           "                scheduler.step()\n                optimizer.step()\n                optimizer.zero_grad(set_to_none=True)\n",
+           (OPTIONS + "::test_warmup_sets_the_logged_learning_rates",),
+           "each step trains at the next step's lr while the log shows its own"),
+    Mutant("sampler_never_told_the_epoch", "train.py",
+           "            self.sampler.set_epoch(epoch)", "            pass",
+           (OPTIONS + "::test_each_epoch_reads_the_data_in_the_distributed_samplers_order",),
+           "every epoch repeats the first epoch's order"),
+    Mutant("sampler_does_not_shuffle", "train.py",
+           "sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,",
+           "sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False,",
+           (OPTIONS + "::test_each_epoch_reads_the_data_in_the_distributed_samplers_order",),
+           "the data is read in file order every epoch"),
+]
+
+# --- infer.py, after a red team: stdout that fails, huge integers, an over-long --system, a last answer without its newline, a FIFO, blank lines
+STDOUT = (I + "test_a_failed_write_to_stdout_is_one_line",)
+NULL = (I + "test_after_a_failed_write_stdout_goes_nowhere",)
+
+MUTANTS += [
+    Mutant("stdout_not_sent_to_null", "infer.py",
+           "        os.dup2(null, sys.stdout.fileno())\n", "", NULL,
+           "stdout left as it was after a failed write: Python's flush at exit fails again"),
+    Mutant("single_catches_broken_pipe_only", "infer.py",
+           "        except OSError as e:                  # stdout is a full disk",
+           "        except BrokenPipeError as e:          # stdout is a full disk", STDOUT,
+           "a full disk behind stdout still gives a traceback"),
+    Mutant("huge_int_line_not_caught", "infer.py",
+           "    except (ValueError, RecursionError) as e:",
+           "    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:",
+           (B + "test_a_huge_integer_is_a_bad_line",), "a 5001-digit integer in a line is a traceback"),
+    Mutant("batch_checks_the_default_system", "infer.py",
+           "    check_system(FV.Chat(model, tokenizer, None, config, system=system))",
+           "    check_system(FV.Chat(model, tokenizer, None, config))",
+           (B + "test_a_system_prompt_too_long_is_refused_before_any_answer",),
+           "batch checks the default system prompt, not --system"),
+    Mutant("single_system_not_checked", "infer.py",
+           "    check_system(chat)\n", "",
+           (I + "test_a_system_prompt_too_long_for_any_question_is_named",),
+           "single mode blames the question for a too-long --system"),
+    Mutant("system_byte_bound_without_image", "infer.py",
+           "size > FV.NFC_MAX_SHRINK * room * FV.longest_token_bytes(chat.tokenizer)",
+           "size > FV.NFC_MAX_SHRINK * chat.context * FV.longest_token_bytes(chat.tokenizer)",
+           (I + "test_a_system_prompt_too_long_for_any_question_is_named",),
+           "the byte bound forgets the image's tokens, so a just-too-long huge prompt is tokenized"),
+    Mutant("whole_last_answer_truncated", "infer.py",
+           "            if key is not None or tail.isspace():",
+           "            if tail.isspace():",
+           (B + "test_a_last_answer_without_its_newline_is_kept",),
+           "a whole last answer without its newline is cut away and asked again"),
+    Mutant("whole_last_answer_not_counted", "infer.py",
+           "        if key is not None:\n            done.append((key, offset))\n", "",
+           (B + "test_a_last_answer_without_its_newline_is_kept",),
+           "a kept last answer is not counted as answered (asked twice)"),
+    Mutant("batch_fifo_opened", "infer.py",
+           "        if not stat.S_ISREG(os.stat(path).st_mode):",
+           "        if stat.S_ISDIR(os.stat(path).st_mode):",
+           (B + "test_a_question_file_that_is_a_pipe_is_refused",), "--batch on a FIFO hangs"),
+    Mutant("blank_out_line_with_spaces_refused", "infer.py",
+           "        if not line.isspace():\n            key = answer_key(line)",
+           "        if line != b\"\\n\":\n            key = answer_key(line)",
+           (B + "test_blank_lines_in_out_are_skipped_and_a_foreign_line_is_named",),
+           "a blank line of spaces in --out is refused"),
+    Mutant("out_line_number_off_by_one", "infer.py",
+           "enumerate(whole.splitlines(keepends=True), 1)", "enumerate(whole.splitlines(keepends=True))",
+           (B + "test_blank_lines_in_out_are_skipped_and_a_foreign_line_is_named",),
+           "the foreign line of --out named one line too early"),
+    Mutant("own_limit_message_inverted", "infer.py",
+           "            if entry[\"own_limit\"] else str(e)",
+           "            if not entry[\"own_limit\"] else str(e)",
+           (B + "test_max_new_tokens_beyond_the_context",),
+           "a line's own too-large max_new_tokens is told to lower --max-new-tokens"),
 ]
 
 def checkout_copy(dest):
