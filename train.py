@@ -86,7 +86,7 @@ MAX_STEP_SAMPLES = 4096      # samples per process per step: a step's micro-batc
 MAX_LENGTH = 32768           # Qwen2's context (max_position_embeddings in the released FastVLM configs)
 MAX_IMAGE_SIZE = 4096        # the largest side repmixer.FastViTHDConfig accepts: a checkpoint must load again
 MAX_SEED = 2**64 - 1 - MAX_STEPS   # torch's generators take values below 2**64, and the distributed
-                                   # sampler draws epoch e's order from the seed + e (at most MAX_STEPS epochs)
+                                   # sampler draws epoch e's order from --seed + e (at most MAX_STEPS epochs)
 
 
 class DataError(ValueError):
@@ -464,7 +464,7 @@ def check_arguments(args):
                                                    "decodes on a core of its own, more only compete for cores and memory"),
               ("--threads", args.threads, 1, cpus, "the CPUs this process may use: more threads only compete for them"),
               ("--seed", args.seed, 0, MAX_SEED, "torch's generators take seeds below 2**64, and each epoch's data "
-                                                 f"order is seeded with the seed + the epoch, up to {MAX_STEPS:,}"))
+                                                 f"order is drawn with --seed + the epoch, up to {MAX_STEPS:,}"))
     for name, value, low, high, why in counts:
         if value is not None and value < low:
             raise DataError(f"{name} must be at least {low}" + (" (the prompt template alone takes about 25 tokens)"

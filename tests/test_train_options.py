@@ -125,8 +125,8 @@ def test_each_epoch_reads_the_data_in_the_distributed_samplers_order(data, base,
 
 def test_the_largest_seed_lasts_the_longest_run():
     """--seed 18446744073709551615 (2**64 - 1) passed, then failed at the epoch boundary with a traceback:
-    the sampler draws epoch e's order from the seed + e, past what torch's generators take. MAX_SEED leaves room for
-    MAX_STEPS epochs, and no more is needed (at least one step an epoch)."""
+    the sampler draws epoch e's order from --seed + e, past what torch's generators take. MAX_SEED leaves
+    room for MAX_STEPS epochs, and no more is needed (at least one step an epoch)."""
     sampler = torch.utils.data.DistributedSampler(range(4), num_replicas=1, rank=0, shuffle=True, seed=T.MAX_SEED)
     sampler.set_epoch(T.MAX_STEPS)
     assert sorted(sampler) == [0, 1, 2, 3]

@@ -605,7 +605,7 @@ MUTANTS += [
            "convert.py under `ulimit -f`: safetensors' error as a traceback"),
 ]
 
-# --- training, after a review: the log's trim on resume, the seed's bound, options checked before loading, sample averaging, the order of optimizer and scheduler, the sampler's epochs
+# --- training, after a review: the log's trim on resume, --seed's bound, options checked before loading, sample averaging, the order of optimizer and scheduler, the sampler's epochs
 BOUNDS = OPTIONS + "::test_counts_and_sizes_have_upper_bounds"
 
 MUTANTS += [
