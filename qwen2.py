@@ -14,9 +14,9 @@ token's q/k/v, writes its k/v at position T, T+1, ... and attends to everything 
 a cache, generating n tokens would recompute the whole prefix at every step (quadratic work); with it,
 each step costs one token's worth of matmuls plus reading the cache.
 
-Also here: generation (greedy, temperature, top-p) and the Qwen2 tokenizer, built with the `tokenizers`
-library. Reading checkpoint folders (weights, config.json, tokenizer files) is fastvlm.py's job;
-faster CPU kernels for the linears live in speedups.py, which swaps modules of a loaded model.
+Also here: generation (greedy, temperature, top-p, as transformers samples). The tokenizer (Qwen2's
+byte-level BPE, from the `tokenizers` library) is support/tokenizer.py; reading checkpoint folders is
+support/loading.py's job; faster kernels live in support/speedups.py, which swaps modules of a loaded model.
 """
 
 from dataclasses import dataclass, fields
@@ -185,11 +185,6 @@ class KVCache(nn.Module):
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
-
-    def forget(self, start):
-        """Zero positions [start, max_len): what a failed turn left there is gone, NaN included."""
-        self.k[:, :, start:] = 0
-        self.v[:, :, start:] = 0
 
 
 def causal_mask(T, S, device=None):
@@ -411,8 +406,8 @@ def generate(model, tokens=None, embeds=None, start=0, max_new_tokens=64, temper
     been written to the cache, so a follow-up turn can continue at that position. `on_token(id)` is
     called as soon as each token is chosen (streaming). `vocab_limit` ignores logits past the
     tokenizer's length (padding rows of the embedding), as the official loader does by resizing.
-    Raises NonFiniteLogits when a step's logits hold NaN or infinity (no answer could be trusted), after
-    zeroing the cache from `start` on (the failed turn's keys and values may be NaN). A +inf logit among
+    Raises NonFiniteLogits when a step's logits hold NaN or infinity (no answer could be trusted); the
+    failed turn's slots of the cache are overwritten by the next turn before it reads them. A +inf logit among
     finite ones is refused too, not taken as the surest token: it is an overflow of the dtype (the head's
     sum ran past float16's 65,504, say), whose true size, and its order among other infinite logits, is
     lost; sampling from it would be NaN (inf - inf), and greedy argmax a guess.
@@ -432,8 +427,6 @@ def generate(model, tokens=None, embeds=None, start=0, max_new_tokens=64, temper
     for _ in range(max_new_tokens):
         logits = logits[:vocab_limit]
         if not torch.isfinite(logits).all():   # NaN or inf: no token can be chosen from these
-            for layer in model.layers:         # nor kept: a later turn at `start` must not meet this one
-                layer.self_attn.cache.forget(start)
             raise NonFiniteLogits(f"the model produced non-finite logits after {len(out)} new tokens")
         token = sample(logits, temperature, top_p, generator)
         if token in stop_ids:
@@ -444,103 +437,3 @@ def generate(model, tokens=None, embeds=None, start=0, max_new_tokens=64, temper
         logits = model(torch.tensor([[token]], device=model.device), start=pos)[0, -1]
         pos += 1
     return out, pos
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tokenizer.
-# ----------------------------------------------------------------------------------------------------
-
-# Qwen2's pre-tokenizer: contractions, letters with one leading non-letter, single digits, punctuation
-# runs, newlines, and whitespace runs (a trailing space stays with the next word).
-QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-SPECIAL_TOKENS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
-
-
-def qwen2_pipeline(tok):
-    """Qwen2's text handling around a BPE model: NFC, its split pattern, byte-level mapping and decoding."""
-    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
-
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    return tok
-
-
-def train_tokenizer(texts, vocab_size):
-    """A small byte-level BPE with Qwen2's pipeline and special tokens (ids 0, 1, 2), for tiny models.
-
-    Qwen2's pattern already splits numbers into single digits, so counts stay one token per digit.
-    """
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import models, pre_tokenizers, trainers
-
-    tok = qwen2_pipeline(HFTokenizer(models.BPE()))
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    return Tokenizer(tok)
-
-
-class TokenizerMismatch(ValueError):
-    """Tokenizer files whose special tokens are not where Qwen2 has them."""
-
-
-class Tokenizer:
-    """Qwen2's byte-level BPE: a `tokenizers.Tokenizer` with Qwen2's pipeline and special tokens.
-
-    Built from `tokenizer.json` text (`from_json`) or from the vocabulary and merges of the slow-
-    tokenizer files (`from_vocab`); fastvlm.load_tokenizer reads them from a model folder.
-    """
-
-    def __init__(self, tok):
-        self.tok = tok
-        for text, expected in SPECIAL_TOKENS.items():
-            got = tok.token_to_id(text)
-            if got is not None and got != expected and tok.get_vocab_size() > expected:
-                raise TokenizerMismatch(f"token {text} has id {got}, Qwen2 expects {expected}")
-
-    @classmethod
-    def from_json(cls, text):
-        """From the contents of a `tokenizer.json`."""
-        from tokenizers import Tokenizer as HFTokenizer
-
-        return cls(HFTokenizer.from_str(text))
-
-    @classmethod
-    def from_vocab(cls, vocab, merges, specials=SPECIAL_TOKENS):
-        """From `vocab.json`'s {token: id}, `merges.txt`'s pairs and the special tokens {text: id}."""
-        from tokenizers import AddedToken
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import models
-
-        tok = qwen2_pipeline(HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
-                                                     byte_fallback=False)))
-        for text, _ in sorted(specials.items(), key=lambda kv: kv[1]):
-            tok.add_special_tokens([AddedToken(text, special=True, normalized=False)])
-        return cls(tok)
-
-    def __len__(self):
-        return self.tok.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text):
-        """Ids of template text: special-token strings such as `<|im_end|>` become their control ids."""
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def encode_text(self, text):
-        """Ids of user text: special-token strings are encoded as the characters they are, so typed text
-        can never close a turn or open a new one. Ordinary text gets the same ids as `encode`."""
-        self.tok.encode_special_tokens = True
-        try:
-            return self.tok.encode(text, add_special_tokens=False).ids
-        finally:
-            self.tok.encode_special_tokens = False
-
-    def decode(self, ids, skip_special_tokens=True):
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def token_id(self, text):
-        return self.tok.token_to_id(text)

@@ -20,6 +20,7 @@ from PIL import Image
 
 import fastvlm as FV
 import infer
+from support import batch as BA, chat as CH, loading
 
 pytestmark = pytest.mark.inference
 ROOT = Path(__file__).parent.parent
@@ -41,25 +42,25 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(model_dir):
-    """The small model as infer.load loads it (the speed step on, float32, CPU), once for the module."""
-    return FV.FastVLM.from_pretrained(model_dir)
+    """The small model as infer.py loads it (the speed step on, float32, CPU), once for the module."""
+    return loading.load_model(model_dir)
 
 
 @pytest.fixture
 def fast_load(monkeypatch, loaded, model_dir):
-    """infer.load handing out the model loaded once: these tests are about what a run does with its
+    """support.options.load handing out the model loaded once: these tests are about what a run does with its
     answers (loading is test_infer.py's), so a run costs its questions only."""
     def load(args):
         assert args.model == str(model_dir) and args.dtype == "auto" and args.device == "auto" and not args.plain
         return (*loaded, torch.device("cpu"))
 
-    monkeypatch.setattr(infer, "load", load)
+    monkeypatch.setattr(BA, "load", load)
 
 
 def api_answers(loaded, images, questions, system=FV.SYSTEM_PROMPT, **options):
     """Each (image, question) asked through the Python API, a new conversation each."""
     model, tokenizer, config = loaded
-    return [FV.Chat(model, tokenizer, FV.load_image(images / image), config, system=system).ask(question, **options)
+    return [CH.Chat(model, tokenizer, CH.load_image(images / image), config, system=system).ask(question, **options)
             for image, question in questions]
 
 
@@ -270,8 +271,8 @@ def test_chat_lines_about_another_image_start_a_new_conversation(fast_load, load
     assert infer.main(["--batch", str(batch), "--model", str(model_dir), "--max-new-tokens", "6"]) == 0
     got = [json.loads(line)["answer"] for line in capsys.readouterr().out.splitlines()]
     model, tokenizer, config = loaded
-    first = FV.Chat(model, tokenizer, FV.load_image(images / "img0.png"), config)
-    second = FV.Chat(model, tokenizer, FV.load_image(images / "img1.png"), config)
+    first = CH.Chat(model, tokenizer, CH.load_image(images / "img0.png"), config)
+    second = CH.Chat(model, tokenizer, CH.load_image(images / "img1.png"), config)
     assert got == [first.ask("What is it?", max_new_tokens=6), second.ask("What is it?", max_new_tokens=6),
                    second.ask("Are you sure?", max_new_tokens=6)]
     assert got[1] != first.ask("What is it?", max_new_tokens=6), "the first conversation, continued, would answer alike"
@@ -357,9 +358,9 @@ def test_a_few_bad_lines_before_good_ones_are_answered(tmp_path, bad, refused):
     batch = write_jsonl(tmp_path / "q.jsonl", ["oops"] * bad + ["", {"image": "img0.png", "question": "Hi?"}])
     if refused:
         with pytest.raises(infer.UsageError, match="none of its first 5 lines"):
-            infer.read_batch(batch)
+            BA.read_batch(batch)
     else:
-        items = infer.read_batch(batch)
+        items = BA.read_batch(batch)
         assert [n for n, _ in items] == [1, 2, 3, 4, 6]
         assert all("not valid JSON" in item for _, item in items[:4]) and items[4][1]["image"] == "img0.png"
 
@@ -374,7 +375,7 @@ def test_a_huge_question_line_is_held_once(tmp_path):
     size = batch.stat().st_size
     tracemalloc.start()
     try:
-        items = infer.read_batch(batch)
+        items = BA.read_batch(batch)
         held, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -416,14 +417,14 @@ def test_a_second_run_on_the_same_out_is_refused(fast_load, model_dir, images, t
         holder.kill()
         holder.wait(timeout=30)
     second = []
-    ask = FV.Chat.ask
+    ask = CH.Chat.ask
 
     def ask_and_start_another_run(self, *args, **kwargs):
         if not second:                                   # in the middle of this run, another on the same --out
             second.append(infer.main(argv))
         return ask(self, *args, **kwargs)
 
-    monkeypatch.setattr(FV.Chat, "ask", ask_and_start_another_run)
+    monkeypatch.setattr(CH.Chat, "ask", ask_and_start_another_run)
     assert infer.main(argv) == 0
     assert second == [2] and holder_named(os.getpid()) in capsys.readouterr().err
     assert [a["id"] for a in read_answers(out)] == [1, 2]
@@ -472,7 +473,7 @@ def test_a_huge_integer_is_a_bad_line(tmp_path):
     int-string conversion), not a JSONDecodeError: it was a traceback; now that line's error answer."""
     batch = write_jsonl(tmp_path / "q.jsonl", ['{"id": 1' + "0" * 5000 + ', "image": "a", "question": "b"}',
                                                {"image": "img0.png", "question": "Hi?"}])
-    items = infer.read_batch(batch)
+    items = BA.read_batch(batch)
     assert [n for n, _ in items] == [1, 2] and items[1][1]["question"] == "Hi?"
     assert items[0][1].startswith("the line is not valid JSON"), items[0][1]
 
@@ -501,10 +502,10 @@ def test_a_last_answer_without_its_newline_is_kept(tmp_path):
     out = tmp_path / "answers.jsonl"
     out.write_text(json.dumps(first) + "\n" + json.dumps(last))
     whole = json.dumps(first) + "\n" + json.dumps(last) + "\n"
-    assert infer.answered_ids(out) == [("1", 0), ("2", len(json.dumps(first)) + 1)]
+    assert BA.answered_ids(out) == [("1", 0), ("2", len(json.dumps(first)) + 1)]
     assert out.read_text() == whole
     out.write_text(whole + json.dumps(last)[:-5])                     # killed inside the next write
-    assert [key for key, _ in infer.answered_ids(out)] == ["1", "2"] and out.read_text() == whole
+    assert [key for key, _ in BA.answered_ids(out)] == ["1", "2"] and out.read_text() == whole
 
 
 def test_blank_lines_in_out_are_skipped_and_a_foreign_line_is_named(tmp_path):
@@ -514,10 +515,10 @@ def test_blank_lines_in_out_are_skipped_and_a_foreign_line_is_named(tmp_path):
     answer = json.dumps({"id": 1, "image": "a", "question": "q", "answer": "x", "error": None}) + "\n"
     out = tmp_path / "answers.jsonl"
     out.write_text("\n" + answer + "  \n" + answer.replace('"id": 1', '"id": 3'))
-    assert infer.answered_ids(out) == [("1", 1), ("3", 1 + len(answer) + 3)]
+    assert BA.answered_ids(out) == [("1", 1), ("3", 1 + len(answer) + 3)]
     out.write_text(answer + "\n" + "my notes\n" + answer)
     with pytest.raises(infer.UsageError, match=r"not answers of this program \(line 3\)"):
-        infer.answered_ids(out)
+        BA.answered_ids(out)
 
 
 def test_a_question_file_that_is_a_pipe_is_refused(tmp_path):
@@ -533,7 +534,7 @@ def test_a_question_file_that_is_a_pipe_is_refused(tmp_path):
     try:
         for path in (tmp_path / "pipe", tmp_path):
             with pytest.raises(infer.UsageError, match="is not a regular file"):
-                infer.read_batch(path)
+                BA.read_batch(path)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)

@@ -52,7 +52,7 @@ def test_breakdown_rows_cover_every_flop_once():
     import bench
     import qwen2 as Q
     import repmixer as R
-    import speedups
+    from support import speedups
 
     torch.manual_seed(0)
     cfg = bench.QUICK_VISION

@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import fastvlm as FV
+import qwen2 as Q
 import repmixer as R
-from checkpoint import CheckpointError
-from synthetic import manifest, synthetic_state_dict, write_fastvlm_checkpoint
+from support.checkpoint import CheckpointError
+from synthetic import manifest, write_fastvlm_checkpoint
 from tolerance import assert_close
+from support import chat as CH, checkpoint, loading, speedups  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -37,7 +40,7 @@ def official_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def official_model(official_folder):
-    return FV.FastVLM.from_pretrained(official_folder)
+    return loading.load_model(official_folder)
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +81,7 @@ def test_loading_never_accumulates_file_tensors(small_folder, monkeypatch):
     import gc
     import weakref
 
-    real = FV.iter_safetensors
+    real = checkpoint.iter_safetensors
     kept = []
 
     def watched(folder, dtype=None):
@@ -90,8 +93,8 @@ def test_loading_never_accumulates_file_tensors(small_folder, monkeypatch):
             yield name, tensor
             del tensor
 
-    monkeypatch.setattr(FV, "iter_safetensors", watched)
-    model, _, _ = FV.FastVLM.from_pretrained(small_folder)
+    monkeypatch.setattr(loading, "iter_safetensors", watched)
+    model, _, _ = loading.load_model(small_folder)
     stored = load_file(str(small_folder / "model.safetensors"))
     assert len(kept) == len(stored) and max(kept) == 0, "tensors read from the file were kept alive"
     assert torch.equal(model.llm.layers[1].mlp.up_proj.weight, stored["model.layers.1.mlp.up_proj.weight"].float())
@@ -100,7 +103,7 @@ def test_loading_never_accumulates_file_tensors(small_folder, monkeypatch):
 def test_untied_checkpoint_keeps_its_own_head(untied_folder):
     stored = set(load_file(str(untied_folder / "model.safetensors")))
     assert "lm_head.weight" in stored
-    model, _, _ = FV.FastVLM.from_pretrained(untied_folder)
+    model, _, _ = loading.load_model(untied_folder)
     head, embed = model.llm.lm_head.weight, model.llm.embed_tokens.weight
     assert head is not embed and head.data_ptr() != embed.data_ptr() and not torch.equal(head, embed)
 
@@ -119,14 +122,14 @@ def test_matches_independent_pipeline(tied, official_model, untied_folder):
     """Every stage equals timm + transformers + the official image processor (tests/make_e2e_fixtures.py):
     pixels exactly, prompt ids exactly, vision features, projected image embeddings and first-step logits
     elementwise, and 16 greedy tokens, which are diverse (a repeated token would check one argmax)."""
-    model, tokenizer, config = official_model if tied else FV.FastVLM.from_pretrained(untied_folder)
+    model, tokenizer, config = official_model if tied else loading.load_model(untied_folder)
     ref = load_file(str(FIXTURES / "e2e_reference.safetensors"))
     suffix = "" if tied else "_untied"
-    image = FV.load_image(FIXTURES / "e2e_image.png")
+    image = CH.load_image(FIXTURES / "e2e_image.png")
     pixels = FV.preprocess(image, 1024)
     assert torch.equal(pixels[:, ::64], ref["pixels_rows"])
     assert pixels.double().sum().item() == pytest.approx(ref["pixels_sum"].item(), rel=1e-12, abs=0)
-    ids = FV.tokenize_with_image(tokenizer, FV.first_turn("What is in the picture?"))
+    ids = FV.turn_ids(tokenizer, "What is in the picture?", first=True)
     assert ids == ref["prompt_ids"].tolist()
 
     seen = {}
@@ -148,7 +151,7 @@ def test_matches_independent_pipeline(tied, official_model, untied_folder):
 
     greedy = ref["greedy_ids" + suffix].tolist()
     assert len(set(greedy)) >= 4, "a greedy reference of one repeated token would check a single argmax"
-    chat = FV.Chat(model, tokenizer, image, config)
+    chat = CH.Chat(model, tokenizer, image, config)
     chat.ask("What is in the picture?", max_new_tokens=len(greedy))
     assert chat.history[len(ids):] == greedy
 
@@ -179,38 +182,57 @@ def test_pixels_on_the_device_are_numpys_k_over_255(device):
     numpy's float32 k / 255 (an elementwise map, so these are all the cases). The CUDA case runs where
     CUDA is."""
     rgb = torch.arange(256, dtype=torch.uint8).repeat_interleave(3).reshape(16, 16, 3)
-    pixels = FV.to_pixels(rgb, device).cpu()
+    pixels = speedups.to_pixels(rgb, device).cpu()
     expected = np.arange(256, dtype=np.float32).reshape(16, 16) / np.float32(255.0)
     assert pixels.shape == (1, 3, 16, 16) and pixels.is_contiguous()
     for channel in range(3):
         assert np.array_equal(pixels[0, channel].numpy(), expected)
-    assert FV.to_pixels(rgb, device, torch.bfloat16).dtype == torch.bfloat16
-    assert np.array_equal(FV.PIXEL_VALUES.numpy(), expected.flatten())     # the table a GPU looks them up in
+    assert speedups.to_pixels(rgb, device, torch.bfloat16).dtype == torch.bfloat16
+    assert torch.equal(FV.to_pixels(rgb), speedups.to_pixels(rgb))          # the model file's, on the CPU
+    assert np.array_equal(speedups.PIXEL_VALUES.numpy(), expected.flatten())     # the table a GPU looks them up in
+
+
+# Apple's `qwen_2` template (llava/conversation.py, sep_style CHATML), written out independently of fastvlm.py
+FIRST_TURN = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\n{}<|im_end|>\n"
+              "<|im_start|>assistant\n")
+NEXT_TURN = "<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def template_ids(tokenizer, text):
+    """The ids of template text with special tokens as control tokens and <image> as the placeholder."""
+    pieces = [tokenizer.encode(chunk) for chunk in text.split("<image>")]
+    return pieces[0] + sum(([FV.IMAGE_TOKEN_INDEX] + piece for piece in pieces[1:]), [])
 
 
 def test_prompt_ids_equal_transformers_tokenizer(official_model, official_folder):
     _, tokenizer, _ = official_model
     ref = transformers.AutoTokenizer.from_pretrained(official_folder)
     for question in ["Describe the image.", "What's 12+30? 答えて 🙂", "  spaces  \n\nnewlines"]:
-        text = FV.first_turn(question)
+        text = FIRST_TURN.format(question)
         pieces = [ref(chunk).input_ids for chunk in text.split("<image>")]
-        assert FV.tokenize_with_image(tokenizer, text) == pieces[0] + [FV.IMAGE_TOKEN_INDEX] + pieces[1]
-    assert FV.tokenize_with_image(tokenizer, FV.first_turn("Describe the image.")) == [
+        assert FV.turn_ids(tokenizer, question, first=True) == pieces[0] + [FV.IMAGE_TOKEN_INDEX] + pieces[1]
+    assert FV.turn_ids(tokenizer, "Describe the image.", first=True) == [
         151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198, -200, 198,
         74785, 279, 2168, 13, 151645, 198, 151644, 77091, 198]                # from Apple's code (reference notes)
 
 
 def test_multi_turn_reusing_the_cache_equals_recomputing(small_folder):
-    model, tokenizer, config = FV.FastVLM.from_pretrained(small_folder)
-    image = FV.load_image(FIXTURES / "e2e_image.png")
-    answers = []
-    for reuse in (True, False):
-        chat = FV.Chat(model, tokenizer, image, config, reuse_cache=reuse)
-        turns = [chat.ask(q, max_new_tokens=8) for q in ("What is it?", "And the colour?", "Sure?")]
-        answers.append((turns, list(chat.history)))
-        if reuse:
+    """A chat prefills only each follow-up's tokens; a stateless implementation feeds the whole
+    conversation again from position 0 (a second copy of the model here): the answers are the same."""
+    model, tokenizer, config = loading.load_model(small_folder)
+    again, _, _ = loading.load_model(small_folder)
+    image = CH.load_image(FIXTURES / "e2e_image.png")
+    chat = CH.Chat(model, tokenizer, image, config)
+    pixels = speedups.to_pixels(FV.square_rgb(image, model.image_size))
+    for question in ("What is it?", "And the colour?", "Sure?"):
+        answer = chat.ask(question, max_new_tokens=8)
+        history = chat.history[:len(chat.history) - chat.timing.new_tokens]          # without this answer
+        again.llm.setup_cache(1024)
+        out, _ = Q.generate(again.llm, embeds=again.embed(history, again.encode_image(pixels)), max_new_tokens=8,
+                            stop_ids=chat.stop_ids, vocab_limit=chat.vocab_limit)
+        assert tokenizer.decode(out).strip() == answer
+        if question != "What is it?":
             assert chat.timing.encoder == 0 and chat.timing.prompt_tokens < 20    # follow-up: only its tokens
-    assert answers[0] == answers[1]
 
 
 def test_warm_up_pays_the_first_call_and_leaves_the_chat_as_it_was(small_folder):
@@ -218,15 +240,15 @@ def test_warm_up_pays_the_first_call_and_leaves_the_chat_as_it_was(small_folder)
     for the real turn (so that turn records nothing), and change nothing the real turn sees."""
     from test_speedups import graphed
 
-    image = FV.load_image(FIXTURES / "e2e_image.png")
-    model, tokenizer, config = FV.FastVLM.from_pretrained(small_folder)
-    expected = FV.Chat(model, tokenizer, image, config).ask("What is it?", max_new_tokens=40)
+    image = CH.load_image(FIXTURES / "e2e_image.png")
+    model, tokenizer, config = loading.load_model(small_folder)
+    expected = CH.Chat(model, tokenizer, image, config).ask("What is it?", max_new_tokens=40)
 
-    model, tokenizer, config = FV.FastVLM.from_pretrained(small_folder, fast=False)
+    model, tokenizer, config = loading.load_model(small_folder, fast=False)
     recorded = []
     model.llm = graphed(model.llm, recorded)                      # the CUDA swap, on CPU with a stand-in graph
-    chat = FV.Chat(model, tokenizer, image, config)
-    assert chat.warm_up("What is it?", max_new_tokens=1000) > 0
+    chat = CH.Chat(model, tokenizer, image, config)
+    assert speedups.warm_up(chat, "What is it?", max_new_tokens=1000) > 0
     assert (chat.history, chat.pos, chat.image_embeds) == ([], 0, None)
     assert len(recorded) == 2                                     # the warm-up recorded prefill and decode
     needed = len(FV.turn_ids(tokenizer, "What is it?", first=True)) - 1 + model.vision_tower.cfg.num_tokens()
@@ -240,11 +262,12 @@ def test_warm_up_pays_the_first_call_and_leaves_the_chat_as_it_was(small_folder)
 def test_typed_image_marker_is_only_text(small_folder):
     """User text is only text: an `<image>` typed in a question is tokenized as characters, in the first
     turn and in a follow-up; the one placeholder is the template's."""
-    model, tokenizer, config = FV.FastVLM.from_pretrained(small_folder)
+    model, tokenizer, config = loading.load_model(small_folder)
     for question in ("What is in the picture?", "  spaces and 12+30 ", "答えて 🙂"):
-        assert FV.turn_ids(tokenizer, question, first=True) == FV.tokenize_with_image(tokenizer, FV.first_turn(question))
-        assert FV.turn_ids(tokenizer, question, first=False) == FV.tokenize_with_image(tokenizer, FV.next_turn(question))
-    chat = FV.Chat(model, tokenizer, FV.load_image(FIXTURES / "e2e_image.png"), config)
+        assert FV.turn_ids(tokenizer, question, first=True) == template_ids(tokenizer, FIRST_TURN.format(question))
+        assert tokenizer.encode(FV.END) + FV.turn_ids(tokenizer, question, first=False) == \
+            template_ids(tokenizer, NEXT_TURN.format(question))
+    chat = CH.Chat(model, tokenizer, CH.load_image(FIXTURES / "e2e_image.png"), config)
     chat.ask("Is there an <image> tag here?", max_new_tokens=2)
     chat.ask("And <image> again?", max_new_tokens=2)
     assert chat.history.count(FV.IMAGE_TOKEN_INDEX) == 1
@@ -255,8 +278,8 @@ def test_typed_image_marker_is_only_text(small_folder):
 def test_follow_up_turns_follow_the_qwen_2_template(small_folder):
     """The cache after two turns holds exactly the conversation in the `qwen_2` template of Apple's
     llava/conversation.py (sep_style CHATML), written out here independently of fastvlm.py's strings."""
-    model, tokenizer, config = FV.FastVLM.from_pretrained(small_folder)
-    chat = FV.Chat(model, tokenizer, FV.load_image(FIXTURES / "e2e_image.png"), config)
+    model, tokenizer, config = loading.load_model(small_folder)
+    chat = CH.Chat(model, tokenizer, CH.load_image(FIXTURES / "e2e_image.png"), config)
     answers = [chat.ask("What is it?", max_new_tokens=3), chat.ask("And the colour?", max_new_tokens=3)]
     at = chat.history.index(FV.IMAGE_TOKEN_INDEX)
     text = (tokenizer.decode(chat.history[:at], skip_special_tokens=False) + "<image>"
@@ -282,8 +305,8 @@ def test_sharded_checkpoint_loads(small_folder, tmp_path):
     for f in small_folder.iterdir():
         if f.suffix != ".safetensors":
             (tmp_path / f.name).write_bytes(f.read_bytes())
-    a, _, _ = FV.FastVLM.from_pretrained(tmp_path)
-    b, _, _ = FV.FastVLM.from_pretrained(small_folder)
+    a, _, _ = loading.load_model(tmp_path)
+    b, _, _ = loading.load_model(small_folder)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
@@ -295,7 +318,7 @@ def test_unsupported_config_is_named(small_folder, tmp_path):
     config["mm_vision_tower"] = "clip_vit_large_336"
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="clip_vit_large_336"):
-        FV.FastVLM.from_pretrained(tmp_path)
+        loading.load_model(tmp_path)
 
 
 def test_official_checkpoint_answers_through_infer_subprocess(official_folder, official_model):
@@ -312,11 +335,11 @@ def test_official_checkpoint_answers_through_infer_subprocess(official_folder, o
 def test_timing_reports_a_gpu_start_up_apart():
     import infer
 
-    chat = SimpleNamespace(timing=FV.Timing(preprocess=0.010, encoder=0.009, projector=0.0005, prefill=0.016,
+    chat = SimpleNamespace(timing=CH.Timing(preprocess=0.010, encoder=0.009, projector=0.0005, prefill=0.016,
                                             prompt_tokens=282, decode=0.125, new_tokens=51))
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        infer.print_timing(chat, torch.device("cpu"), startup=2.4)
+        CH.print_timing(chat, torch.device("cpu"), startup=2.4)
     lines = err.getvalue().splitlines()
     assert lines[0].startswith("start-up, first call only: 2400 ms")
     assert lines[1] == "time to first token: 36 ms (steady state, after the warm-up)"
@@ -331,9 +354,9 @@ def test_every_manifest_key_maps_onto_the_model(size):
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     seen = set()
     for key, shape, _ in manifest(size):
-        if not key.startswith(FV.VISION_PREFIX):
+        if not key.startswith(loading.VISION_PREFIX):
             continue
-        mapped = FV.official_key(key[len(FV.VISION_PREFIX):])
+        mapped = loading.official_key(key[len(loading.VISION_PREFIX):])
         if mapped is None:
             assert key.endswith("head.proj")
             continue
@@ -344,40 +367,41 @@ def test_every_manifest_key_maps_onto_the_model(size):
 
 
 def test_official_key_mapping_examples():
-    assert FV.official_key("patch_embed.0.reparam_conv.weight") == "stem.0.fused.weight"
-    assert FV.official_key("network.0.1.token_mixer.reparam_conv.bias") == "stages.0.blocks.1.token_mixer.fused.bias"
-    assert FV.official_key("network.1.proj.0.lkb_reparam.weight") == "stages.1.downsample.spatial.fused.weight"
-    assert FV.official_key("network.5.proj.1.reparam_conv.bias") == "stages.3.downsample.pointwise.fused.bias"
-    assert FV.official_key("network.6.reparam_conv.weight") == "stages.3.cpe.fused.weight"
-    assert FV.official_key("network.10.1.convffn.conv.bn.running_var") == "stages.4.blocks.1.convffn.local.bn.running_var"
-    assert FV.official_key("network.7.3.token_mixer.qkv.weight") == "stages.3.blocks.3.token_mixer.qkv.weight"
-    assert FV.official_key("conv_exp.se.reduce.weight") == "expand.se.reduce.weight"
-    assert FV.official_key("head.proj") is None
+    assert loading.official_key("patch_embed.0.reparam_conv.weight") == "stem.0.fused.weight"
+    assert loading.official_key("network.0.1.token_mixer.reparam_conv.bias") == "stages.0.blocks.1.token_mixer.fused.bias"
+    assert loading.official_key("network.1.proj.0.lkb_reparam.weight") == "stages.1.downsample.spatial.fused.weight"
+    assert loading.official_key("network.5.proj.1.reparam_conv.bias") == "stages.3.downsample.pointwise.fused.bias"
+    assert loading.official_key("network.6.reparam_conv.weight") == "stages.3.cpe.fused.weight"
+    assert loading.official_key("network.10.1.convffn.conv.bn.running_var") == "stages.4.blocks.1.convffn.local.bn.running_var"
+    assert loading.official_key("network.7.3.token_mixer.qkv.weight") == "stages.3.blocks.3.token_mixer.qkv.weight"
+    assert loading.official_key("conv_exp.se.reduce.weight") == "expand.se.reduce.weight"
+    assert loading.official_key("head.proj") is None
 
 
-def test_loader_names_the_bad_key():
-    vt = synthetic_state_dict(prefix=FV.VISION_PREFIX)
-    bad_shape = dict(vt)
-    key = FV.VISION_PREFIX + "network.2.3.convffn.fc1.weight"
-    bad_shape[key] = torch.zeros(5, 5, 1, 1)
-    with pytest.raises(CheckpointError, match=r"'model\.vision_tower\.vision_tower\.model\.network\.2\.3\.convffn\.fc1\.weight' "
-                       r"\(ours: stages\.1\.blocks\.3\.convffn\.fc1\.weight\).*\(5, 5, 1, 1\)"):
-        FV.load_official(R.FastViTHD(fused=True), bad_shape)
-    missing = dict(vt)
-    del missing[FV.VISION_PREFIX + "conv_exp.se.expand.bias"]
-    with pytest.raises(CheckpointError, match=r"missing tensor '.*model\.conv_exp\.se\.expand\.bias' \(ours: expand\.se\.expand\.bias\)"):
-        FV.load_official(R.FastViTHD(fused=True), missing)
-    extra = dict(vt)
-    extra[FV.VISION_PREFIX + "network.11.0.layer_scale"] = torch.zeros(1)
-    with pytest.raises(CheckpointError, match=r"network\.11\.0\.layer_scale"):
-        FV.load_official(R.FastViTHD(fused=True), extra)
-    with pytest.raises(ValueError, match="fused=True"):
-        FV.load_official(R.FastViTHD(), vt)
+def test_loader_names_the_bad_key(small_folder, tmp_path):
+    """A checkpoint whose vision tower disagrees with its config is refused at its first wrong tensor,
+    named as the file names it and as the model does (a wrong shape, a missing and an unexpected one)."""
+    stored = checkpoint.read_safetensors(small_folder)
+    fc1 = next(k for k in stored if k.startswith(loading.VISION_PREFIX) and k.endswith("convffn.fc1.weight"))
+    cases = [(lambda t: t.__setitem__(fc1, torch.zeros(5, 5, 1, 1)),
+              re.escape(f"'{fc1}'") + r" \(ours: vision_tower\.stages\.\d\.blocks\.\d\.convffn\.fc1\.weight\).*\(5, 5, 1, 1\)"),
+             (lambda t: t.pop(loading.VISION_PREFIX + "conv_exp.se.expand.bias"),
+              r"missing tensor '.*model\.conv_exp\.se\.expand\.bias' \(ours: vision_tower\.expand\.se\.expand\.bias\)"),
+             (lambda t: t.__setitem__(loading.VISION_PREFIX + "network.99.0.layer_scale", torch.zeros(1)),
+              r"unexpected tensor .*network\.99\.0\.layer_scale")]
+    for k, (change, message) in enumerate(cases):
+        folder = tmp_path / f"bad{k}"
+        shutil.copytree(small_folder, folder)
+        tensors = dict(stored)
+        change(tensors)
+        checkpoint.write_safetensors(tensors, folder / "model.safetensors")
+        with pytest.raises(CheckpointError, match=message):
+            loading.load_model(folder)
 
 
 def test_official_key_mapping_round_trips_both_ways():
     for cfg in (R.FASTVITHD, SMALL_VISION):
         names = R.FastViTHD(cfg, fused=True).state_dict()
-        assert all(FV.official_key(FV.to_official_key(k, cfg), cfg) == k for k in names)
-    official = [k[len(FV.VISION_PREFIX):] for k, _, _ in manifest() if k.startswith(FV.VISION_PREFIX)]
-    assert all(FV.to_official_key(FV.official_key(k)) == k for k in official if not k.startswith("head."))
+        assert all(loading.official_key(loading.to_official_key(k, cfg), cfg) == k for k in names)
+    official = [k[len(loading.VISION_PREFIX):] for k, _, _ in manifest() if k.startswith(loading.VISION_PREFIX)]
+    assert all(loading.to_official_key(loading.official_key(k)) == k for k in official if not k.startswith("head."))

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import fastvlm as FV
 import infer
+from support import batch as BA, chat as CH, loading, options as OP
 
 ROOT = Path(__file__).parent.parent
 
@@ -28,7 +29,7 @@ def model_dir(small_model_dir):
 @pytest.fixture(scope="module")
 def small_model(model_dir):
     """(model, tokenizer, config) of the small model as infer.py loads it by default, loaded once."""
-    return FV.FastVLM.from_pretrained(model_dir)
+    return loading.load_model(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +187,7 @@ def test_bad_sampling_options(capsys, model_dir, photo):
 
 
 def test_no_default_model_yet(capsys, photo, monkeypatch, tmp_path):
-    monkeypatch.setattr(infer, "DEFAULT_MODEL", tmp_path / "fastvlm-tiny")
+    monkeypatch.setattr(OP, "DEFAULT_MODEL", tmp_path / "fastvlm-tiny")
     assert_one_line_error(*run(capsys, photo, "q"), "--model FOLDER")
 
 
@@ -229,7 +230,7 @@ def test_greedy_is_deterministic_and_sampling_is_seeded(capsys, model_dir, photo
 def test_plain_model_gives_the_same_answer(capsys, model_dir, photo, monkeypatch):
     """--plain skips the speed step: the same greedy answer from the plain model files, and the speed
     step is not applied (a --plain that did not reach the loader would pass the first check alone)."""
-    import speedups
+    from support import speedups
 
     applied = []
     apply = speedups.apply
@@ -247,9 +248,9 @@ def test_bfloat16_on_cpu_runs(capsys, model_dir, photo, small_model):
     from float32's (a --dtype lost on the way would answer in float32)."""
     code, out, err = run(capsys, photo, "q?", "--model", model_dir, "--dtype", "bfloat16", "--max-new-tokens", "8")
     assert code == 0, err
-    model, tokenizer, _ = FV.FastVLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-    bfloat16 = FV.answer(model, tokenizer, photo, "q?", max_new_tokens=8)
-    assert out == bfloat16 + "\n" and bfloat16 != FV.answer(*small_model[:2], photo, "q?", max_new_tokens=8)
+    model, tokenizer, _ = loading.load_model(model_dir, dtype=torch.bfloat16)
+    bfloat16 = CH.answer(model, tokenizer, photo, "q?", max_new_tokens=8)
+    assert out == bfloat16 + "\n" and bfloat16 != CH.answer(*small_model[:2], photo, "q?", max_new_tokens=8)
 
 
 def test_interactive_chat_subprocess(model_dir, photo):
@@ -280,7 +281,7 @@ def test_image_is_a_folder_or_a_pipe(capsys, model_dir, photo, tmp_path):
 def test_float_tiff_in_unit_range_is_not_black(tmp_path):
     values = np.linspace(0, 1, 30 * 40, dtype=np.float32).reshape(30, 40)
     Image.fromarray(values, mode="F").save(tmp_path / "f.tif")
-    got = np.asarray(FV.load_image(tmp_path / "f.tif"))[..., 0]
+    got = np.asarray(CH.load_image(tmp_path / "f.tif"))[..., 0]
     assert np.abs(got.astype(np.float64) - values * 255).max() <= 0.5 + 1e-6
 
 
@@ -291,7 +292,8 @@ try:
     runpy.run_path("infer.py", run_name="__main__")
 except SystemExit as e:
     import infer
-    print("exit", e.code, "peak_mib", int(infer.peak_rss_mib()), file=sys.stderr)
+    from support.chat import peak_rss_mib
+    print("exit", e.code, "peak_mib", int(peak_rss_mib()), file=sys.stderr)
 """
 
 
@@ -331,7 +333,7 @@ def test_typed_control_tokens_are_only_text(small_model):
         specials = [i for i in ids if i >= 151643]
         assert specials == [i for i in FV.turn_ids(tokenizer, "Hi", first=first) if i >= 151643]
         assert forged in tokenizer.decode([i for i in ids if i >= 0], skip_special_tokens=False)
-    assert plain == FV.tokenize_with_image(tokenizer, FV.first_turn("Hi"))
+    assert plain == FV.turn_ids(tokenizer, "Hi", first=True)
 
 
 def test_over_long_question_in_chat_keeps_the_conversation(model_dir, photo, tmp_path):
@@ -354,14 +356,14 @@ def test_streamed_answer_ends_with_the_api_answer(capsys, model_dir, photo, smal
     ids = tokenizer.encode("ok 龘")
     cut = next(k for k in range(1, len(ids)) if tokenizer.decode(ids[:k]).endswith("\ufffd"))
     for tokens in (ids[:cut], tokenizer.encode("ok  "), ids):
-        streamer = infer.Streamer(tokenizer)
+        streamer = CH.Streamer(tokenizer)
         for t in tokens:
             streamer(t)
         api = tokenizer.decode(tokens).strip()
         streamer.finish(api)
         assert capsys.readouterr().out == api + "\n"
     for n in (1, 2, 3, 5, 8):
-        expected = FV.answer(model, tokenizer, photo, "q?", max_new_tokens=n)
+        expected = CH.answer(model, tokenizer, photo, "q?", max_new_tokens=n)
         code, out, _ = run(capsys, photo, "q?", "--model", model_dir, "--max-new-tokens", n)
         assert code == 0 and out == expected + "\n"
 
@@ -422,15 +424,15 @@ def test_non_finite_weights_are_named(capsys, model_dir, photo, tmp_path):
 def test_float16_overflow_is_named(model_dir, photo):
     """float16 (CUDA, Apple's MPS) overflows where bfloat16 and float32 do not: the answer stops with the
     cause instead of an empty line. Refused on CPU by infer.py, so checked through the Python API."""
-    model, tokenizer, config = FV.FastVLM.from_pretrained(model_dir, dtype=torch.float16, fast=False)
+    model, tokenizer, config = loading.load_model(model_dir, dtype=torch.float16, fast=False)
     with torch.no_grad():
         model.llm.norm.weight.mul_(3e4)                   # logits beyond float16's 65504
-    with pytest.raises(FV.AnswerError, match="overflowed float16; run in bfloat16 or float32"):
-        FV.Chat(model, tokenizer, FV.load_image(photo), config).ask("q?", max_new_tokens=3)
-    model32, _, _ = FV.FastVLM.from_pretrained(model_dir, fast=False)
+    with pytest.raises(CH.AnswerError, match="overflowed float16; run in bfloat16 or float32"):
+        CH.Chat(model, tokenizer, CH.load_image(photo), config).ask("q?", max_new_tokens=3)
+    model32, _, _ = loading.load_model(model_dir, fast=False)
     with torch.no_grad():
         model32.llm.norm.weight.mul_(3e4)
-    assert FV.Chat(model32, tokenizer, FV.load_image(photo), config).ask("q?", max_new_tokens=3) is not None
+    assert CH.Chat(model32, tokenizer, CH.load_image(photo), config).ask("q?", max_new_tokens=3) is not None
 
 
 def test_system_prompt_is_replaced(capsys, model_dir, photo, small_model):
@@ -510,14 +512,14 @@ def test_a_system_prompt_too_long_for_any_question_is_named(capsys, model_dir, p
                           "--system is too long", "context of 8192 tokens")
     model, tokenizer, config = small_model
     room = 8192 - model.vision_tower.cfg.num_tokens()
-    huge = "x" * (FV.NFC_MAX_SHRINK * room * FV.longest_token_bytes(tokenizer) + 1)
+    huge = "x" * (CH.NFC_MAX_SHRINK * room * CH.longest_token_bytes(tokenizer) + 1)
 
     def tokenized(*args, **kwargs):
         raise AssertionError("the system prompt was tokenized")
 
-    monkeypatch.setattr(FV, "turn_ids", tokenized)
-    with pytest.raises(infer.UsageError, match="--system is too long"):
-        infer.check_system(FV.Chat(model, tokenizer, None, config, system=huge))
+    monkeypatch.setattr(CH, "turn_ids", tokenized)
+    with pytest.raises(CH.InputError, match="--system is too long"):
+        CH.Chat(model, tokenizer, None, config, system=huge).check_system()
 
 
 def test_after_a_failed_write_stdout_goes_nowhere(tmp_path, monkeypatch):
@@ -525,7 +527,7 @@ def test_after_a_failed_write_stdout_goes_nowhere(tmp_path, monkeypatch):
     exit) must not fail a second time after the one error line: stdout's file is the null device."""
     with open(tmp_path / "stdout", "w") as stdout:
         monkeypatch.setattr(sys, "stdout", stdout)
-        line = infer.stdout_failed(OSError(32, "Broken pipe"))          # EPIPE
+        line = BA.stdout_failed(OSError(32, "Broken pipe"))          # EPIPE
         stdout.write("written after the failure")
         stdout.flush()
     assert line == "stdout was closed before the answer was written (a pipe whose reader ended)"

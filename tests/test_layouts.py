@@ -19,9 +19,10 @@ import fastvlm as FV
 import infer
 import qwen2
 import repmixer as R
-from checkpoint import CheckpointError
+from support.checkpoint import CheckpointError
 from synthetic import REFERENCE, synthetic_image, write_fastvlm_checkpoint
 from tolerance import assert_close
+from support import chat as CH, loading  # noqa: E402
 
 pytestmark = pytest.mark.inference
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -39,8 +40,8 @@ def hf_small(llava_small, tmp_path_factory):
 
 
 def answers(folder, questions=("What is it?", "And the colour?"), **kw):
-    model, tokenizer, config = FV.FastVLM.from_pretrained(folder, **kw)
-    chat = FV.Chat(model, tokenizer, FV.load_image(FIXTURES / "e2e_image.png"), config)
+    model, tokenizer, config = loading.load_model(folder, **kw)
+    chat = CH.Chat(model, tokenizer, CH.load_image(FIXTURES / "e2e_image.png"), config)
     return [chat.ask(q, max_new_tokens=8) for q in questions]
 
 
@@ -51,22 +52,22 @@ def test_every_transformers_key_maps_onto_the_model_and_back():
     the same shape, every tensor of ours is named once, and the mapping inverts exactly."""
     rows = [r.split("\t") for r in (REFERENCE / "transformers_fast_vlm_0.5b_state_dict.tsv").read_text().splitlines()[1:]]
     config = json.loads((REFERENCE / "transformers_fast_vlm_0.5b_config.json").read_text())
-    vision_cfg = FV.vision_config(config)
+    vision_cfg = loading.vision_config(config)
     llm_cfg = qwen2.Qwen2Config.from_dict(config["text_config"])
     assert vision_cfg == R.FASTVITHD and llm_cfg.vocab_size == 152000 and llm_cfg.rope_theta == 1e6
     with torch.device("meta"):
         own = FV.FastVLM(vision_cfg, qwen2.Qwen2Config(**{**llm_cfg.__dict__, "tie_word_embeddings": False})).state_dict()
     seen = set()
     for key, shape, _ in rows:
-        ours = FV.FAST_VLM.ours(key, vision_cfg)
+        ours = loading.FAST_VLM.ours(key, vision_cfg)
         assert ours in own, (key, ours)
         assert tuple(own[ours].shape) == tuple(int(s) for s in shape.split(",") if s), key
-        assert FV.FAST_VLM.theirs(ours, vision_cfg) == key
+        assert loading.FAST_VLM.theirs(ours, vision_cfg) == key
         seen.add(ours)
     assert seen == set(own)
-    assert FV.timm_key("stages.3.pos_emb.reparam_conv.weight") == "stages.3.cpe.fused.weight"
-    assert FV.timm_key("stages.4.blocks.1.layer_scale_2.gamma") == "stages.4.blocks.1.layer_scale_2"
-    assert FV.timm_key("final_conv.se.fc1.weight") == "expand.se.reduce.weight"
+    assert loading.timm_key("stages.3.pos_emb.reparam_conv.weight") == "stages.3.cpe.fused.weight"
+    assert loading.timm_key("stages.4.blocks.1.layer_scale_2.gamma") == "stages.4.blocks.1.layer_scale_2"
+    assert loading.timm_key("final_conv.se.fc1.weight") == "expand.se.reduce.weight"
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -78,7 +79,7 @@ def test_fast_vlm_folder_matches_transformers(tied, tmp_path):
     name = "tied" if tied else "untied"
     llava = write_fastvlm_checkpoint(tmp_path / "llava", tied=tied)
     folder, _ = convert.convert(llava, tmp_path / "hf")
-    model, tokenizer, config = FV.FastVLM.from_pretrained(folder)
+    model, tokenizer, config = loading.load_model(folder)
     assert model.layout == "fast_vlm" and (model.llm.lm_head.weight is model.llm.embed_tokens.weight) == tied
     image = Image.fromarray((synthetic_image(512)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
     question = "What is in the picture?"
@@ -91,16 +92,16 @@ def test_fast_vlm_folder_matches_transformers(tied, tmp_path):
     assert_close(logits, ref[f"{name}_logits"], RTOL, ATOL, "first-step logits", min_std=0.5)
     greedy = ref[f"{name}_greedy"].tolist()
     assert len(set(greedy)) >= 2
-    chat = FV.Chat(model, tokenizer, image, config)
+    chat = CH.Chat(model, tokenizer, image, config)
     chat.stop_ids = set()                                  # transformers generated past any stop token
     chat.ask(question, max_new_tokens=len(greedy))
     assert chat.history[len(ids):] == greedy
 
 
 def test_fast_vlm_tokenizer_never_answers_its_image_token(hf_small):
-    _, tokenizer, config = FV.FastVLM.from_pretrained(hf_small)
+    _, tokenizer, config = loading.load_model(hf_small)
     assert tokenizer.token_id("<image>") == config["image_token_index"] == len(tokenizer) - 1
-    assert FV.Chat(FV.FastVLM.from_pretrained(hf_small)[0], tokenizer, None, config).vocab_limit == len(tokenizer) - 1
+    assert CH.Chat(loading.load_model(hf_small)[0], tokenizer, None, config).vocab_limit == len(tokenizer) - 1
 
 
 # --- conversions ----------------------------------------------------------------------------------------
@@ -131,15 +132,15 @@ def test_round_trips(tmp_path):
     back, _ = convert.convert(hf, tmp_path / "back")
     hf2, _ = convert.convert(back, tmp_path / "hf2")
     a, b = load_file(str(llava / "model.safetensors")), load_file(str(back / "model.safetensors"))
-    assert set(a) - set(b) == {FV.VISION_PREFIX + "head.proj"} and set(b) <= set(a)
+    assert set(a) - set(b) == {loading.VISION_PREFIX + "head.proj"} and set(b) <= set(a)
     assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in b)
     assert a["model.embed_tokens.weight"].shape[0] == 151936 > 151646                # padding rows kept
     c, d = load_file(str(hf / "model.safetensors")), load_file(str(hf2 / "model.safetensors"))
     assert set(c) == set(d) and all(torch.equal(c[k], d[k]) and c[k].dtype == d[k].dtype for k in c)
     assert json.loads((hf / "config.json").read_text()) == json.loads((hf2 / "config.json").read_text())
     for folder in (hf, back):
-        tokenizer = FV.load_tokenizer(folder)
-        assert tokenizer.encode("Describe the image. 答えて") == FV.load_tokenizer(llava).encode("Describe the image. 答えて")
+        tokenizer = loading.load_tokenizer(folder)
+        assert tokenizer.encode("Describe the image. 答えて") == loading.load_tokenizer(llava).encode("Describe the image. 答えて")
 
 
 def test_convert_refuses_to_overwrite(llava_small, hf_small, capsys):
@@ -161,12 +162,12 @@ def test_mlx_exports_are_named(llava_small, tmp_path):
     apple = shutil.copytree(llava_small, tmp_path / "apple")
     (apple / "fastvithd.mlpackage").mkdir()
     with pytest.raises(CheckpointError, match="CoreML package"):
-        FV.FastVLM.from_pretrained(apple)
+        loading.load_model(apple)
     mlx = shutil.copytree(llava_small, tmp_path / "mlx")
     save_file({"language_model.model.embed_tokens.weight": torch.zeros(2, 2),
                "language_model.model.embed_tokens.scales": torch.zeros(2, 1)}, str(mlx / "model.safetensors"))
     with pytest.raises(CheckpointError, match="mlx-vlm's MLX layout"):
-        FV.FastVLM.from_pretrained(mlx)
+        loading.load_model(mlx)
 
 
 # --- by name ----------------------------------------------------------------------------------------------
@@ -191,10 +192,10 @@ def test_model_by_repo_id_from_the_cache(llava_small, tmp_path, monkeypatch, cap
     assert answers("apple/FastVLM-small") == answers(llava_small)
     monkeypatch.delenv("HF_HUB_CACHE")
     monkeypatch.setenv("HF_HOME", str(tmp_path))                 # HF_HOME/hub is the next place looked in
-    assert FV.resolve_model("apple/FastVLM-small") == next((tmp_path / "hub").glob("models--*/snapshots/*"))
+    assert loading.resolve_model("apple/FastVLM-small") == next((tmp_path / "hub").glob("models--*/snapshots/*"))
     monkeypatch.chdir(tmp_path)
     local = shutil.copytree(llava_small, tmp_path / "apple" / "FastVLM-small")
-    assert FV.resolve_model("apple/FastVLM-small") == Path("apple/FastVLM-small")   # a local folder wins
+    assert loading.resolve_model("apple/FastVLM-small") == Path("apple/FastVLM-small")   # a local folder wins
     shutil.rmtree(local.parent)                      # a folder `apple` here would make the name a path
     code = infer.main([str(FIXTURES / "e2e_image.png"), "What is it?", "--model", "apple/FastVLM-small",
                        "--max-new-tokens", "8"])
@@ -205,12 +206,12 @@ def test_model_not_cached_gets_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE is set.*hf download apple/FastVLM-0.5B"):
-        FV.resolve_model("apple/FastVLM-0.5B")
+        loading.resolve_model("apple/FastVLM-0.5B")
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)     # not installed
     with pytest.raises(CheckpointError, match="pip install huggingface_hub"):
-        FV.resolve_model("apple/FastVLM-0.5B")
+        loading.resolve_model("apple/FastVLM-0.5B")
     with pytest.raises(CheckpointError, match="model folder not found"):
-        FV.resolve_model("no/such/folder")
+        loading.resolve_model("no/such/folder")
 
 
 def test_hub_cache_is_found_as_huggingface_hub_finds_it(llava_small, tmp_path, monkeypatch):
@@ -222,16 +223,16 @@ def test_hub_cache_is_found_as_huggingface_hub_finds_it(llava_small, tmp_path, m
     home = hub_cache(tmp_path / "home" / "hub", "apple/FastVLM-small", llava_small).parent
     xdg = hub_cache(tmp_path / "xdg" / "huggingface" / "hub", "apple/FastVLM-small", llava_small).parent.parent
     monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
-    assert FV.resolve_model("apple/FastVLM-small").is_relative_to(xdg)
+    assert loading.resolve_model("apple/FastVLM-small").is_relative_to(xdg)
     monkeypatch.setenv("HF_HOME", str(home))
-    assert FV.resolve_model("apple/FastVLM-small").is_relative_to(home)
+    assert loading.resolve_model("apple/FastVLM-small").is_relative_to(home)
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
-    assert FV.resolve_model("apple/FastVLM-small").is_relative_to(hub)
+    assert loading.resolve_model("apple/FastVLM-small").is_relative_to(hub)
     import huggingface_hub
 
     asked = {}
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: asked.update(kw) or str(tmp_path))
-    assert FV.resolve_model("apple/FastVLM-other") == tmp_path
+    assert loading.resolve_model("apple/FastVLM-other") == tmp_path
     assert Path(asked["cache_dir"]) == hub
 
 
@@ -252,7 +253,7 @@ def test_a_path_is_never_looked_up_on_the_hub(tmp_path, monkeypatch):
     for name, near in (("models/fastvlm-tiy", " (did you mean models/fastvlm-tiny?)"), ("./apple/FastVLM-0.5B", ""),
                        ("apple/FastVLM-0.5B/x", ""), (str(tmp_path / "absent"), ""), ("apple--x/y", "")):
         with pytest.raises(CheckpointError) as refused:
-            FV.resolve_model(name)
+            loading.resolve_model(name)
         assert str(refused.value) == f"model folder not found: {name}{near}; pass the folder that holds config.json"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match=r"^model folder not found: checkpoints/FastVLM-0\.5B \(there is no "
@@ -260,15 +261,15 @@ def test_a_path_is_never_looked_up_on_the_hub(tmp_path, monkeypatch):
                        r"Hugging Face Hub repo .*`hf download checkpoints/FastVLM-0\.5B` .* if it is a repo id, "
                        r"or, if it is meant as a folder, .*`hf download apple/FastVLM-0\.5B --local-dir "
                        r"checkpoints/FastVLM-0\.5B`\)$"):
-        FV.resolve_model("checkpoints/FastVLM-0.5B")                  # no `checkpoints` here: either
+        loading.resolve_model("checkpoints/FastVLM-0.5B")                  # no `checkpoints` here: either
     home = tmp_path / "home"
     (home / "my-model").mkdir(parents=True)
     monkeypatch.setenv("HOME", str(home))
-    assert FV.resolve_model("~/my-model") == home / "my-model"       # `--model=~/x`: no shell expanded it
+    assert loading.resolve_model("~/my-model") == home / "my-model"       # `--model=~/x`: no shell expanded it
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(CheckpointError, match=r"^model folder not found: checkpoints/FastVLM-0\.5B \(a path, "
                        r"since checkpoints is a folder here; .*\); pass the folder that holds config\.json$"):
-        FV.resolve_model("checkpoints/FastVLM-0.5B")                  # `checkpoints` is here: a path
+        loading.resolve_model("checkpoints/FastVLM-0.5B")                  # `checkpoints` is here: a path
 
 
 def test_without_a_network_a_hub_name_gets_the_download_hint(tmp_path):
@@ -318,7 +319,7 @@ def test_what_the_hub_answered_is_told_apart(tmp_path, monkeypatch):
 
         monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
         with pytest.raises(CheckpointError) as refused:
-            FV.resolve_model("apple/x")
+            loading.resolve_model("apple/x")
         message = str(refused.value)
         assert message.startswith("model folder not found: apple/x (there is no folder apple here), nor is apple/x "
                                   "a cached or downloadable")
@@ -387,7 +388,7 @@ def test_an_untied_head_is_padded_like_the_embedding_and_converts_back(tmp_path)
     assert torch.allclose(stored["lm_head.weight"][377:], head.mean(0).expand(rows - 377, -1))
     expected = None
     for folder in (untied, hf, back):
-        model, tokenizer, _ = FV.FastVLM.from_pretrained(folder, fast=False)
+        model, tokenizer, _ = loading.load_model(folder, fast=False)
         assert model.llm.lm_head.weight is not model.llm.embed_tokens.weight
         logits = model.llm(tokens=torch.tensor([tokenizer.encode("What is in the picture?")]))[0, :, :377]
         expected = logits if expected is None else expected
@@ -399,7 +400,7 @@ def test_an_untied_head_is_padded_like_the_embedding_and_converts_back(tmp_path)
 def test_cuda_load_places_tensors_directly(llava_small):
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    model, _, _ = FV.FastVLM.from_pretrained(llava_small, device="cuda", dtype=torch.bfloat16)
+    model, _, _ = loading.load_model(llava_small, device="cuda", dtype=torch.bfloat16)
     assert all(t.is_cuda for t in model.state_dict().values())
     stored = sum(t.nbytes for t in {t.data_ptr(): t for t in model.state_dict().values()}.values())
     assert torch.cuda.max_memory_allocated() - before <= 1.25 * stored + 2**22

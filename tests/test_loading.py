@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save_file
 
 import fastvlm as FV
 import infer
-from checkpoint import CheckpointError
+from support.checkpoint import CheckpointError
 from synthetic import OFFICIAL_CONFIG, REFERENCE
+from support import chat as CH, loading  # noqa: E402
 
 pytestmark = pytest.mark.inference
 ROOT = Path(__file__).parent.parent
@@ -29,7 +30,7 @@ TRANSFORMERS_CONFIG = json.loads((REFERENCE / "transformers_fast_vlm_0.5b_config
 
 @pytest.fixture(scope="module")
 def tiny():
-    return FV.FastVLM.from_pretrained(TINY, fast=False)
+    return loading.load_model(TINY, fast=False)
 
 
 def copy_with_config(source, folder, change):
@@ -42,7 +43,7 @@ def copy_with_config(source, folder, change):
 
 
 def config_only(folder, config):
-    """A folder holding config.json alone: enough for FV.model_config, which reads nothing else."""
+    """A folder holding config.json alone: enough for loading.model_config, which reads nothing else."""
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(config))
     return folder
@@ -69,23 +70,23 @@ def test_a_config_of_a_far_larger_model_is_named_before_anything_is_allocated(tm
     huge = dict(hidden_size=2**16, intermediate_size=2**18, num_hidden_layers=8, num_attention_heads=2**10,
                 num_key_value_heads=2**10)
     folder = copy_with_config(TINY, tmp_path / "m", lambda c: c.update(huge))
-    _, vision_cfg, llm_cfg, _ = FV.model_config(folder)
+    _, vision_cfg, llm_cfg, _ = loading.model_config(folder)
     with torch.device("meta"):
-        assert FV.model_bytes(FV.FastVLM(vision_cfg, llm_cfg)) > 2**40
+        assert loading.model_bytes(FV.FastVLM(vision_cfg, llm_cfg)) > 2**40
 
     def allocator(*args, **kwargs):
         raise AssertionError("memory allocated before the stored shapes were compared")
 
-    monkeypatch.setattr(FV, "allocate", allocator)
+    monkeypatch.setattr(loading, "allocate", allocator)
     err = one_line_error(capsys, IMAGE, "What is it?", "--model", folder)
     assert "'model.embed_tokens.weight'" in err and "has shape (377, 128) but the config gives (377, 65536)" in err
 
     llm = config_only(tmp_path / "qwen2", {"model_type": "qwen2", **llm_cfg.__dict__})
     save_file({k: v for k, v in load_file(str(TINY / "model.safetensors")).items() if k.startswith("model.layers.")
                or k in ("model.embed_tokens.weight", "model.norm.weight")}, str(llm / "model.safetensors"))
-    monkeypatch.setattr(FV, "read_safetensors", allocator)
+    monkeypatch.setattr(loading, "read_safetensors", allocator)
     with pytest.raises(CheckpointError, match=r"'model\.embed_tokens\.weight'.*\(377, 128\) but the config gives"):
-        FV.load_qwen2(llm)
+        loading.load_qwen2(llm)
 
 
 @pytest.mark.parametrize("field,value,fragment", [
@@ -109,20 +110,20 @@ def test_weights_too_big_for_the_memory_are_refused_in_one_line(dtype, monkeypat
     """What the memory check counts is what loading takes (a tied head once, floating tensors in the dtype
     asked for), and a model that needs more than is free is refused before it is allocated, with the way
     out (bfloat16 halves a float32 model); one that needs exactly what is free loads."""
-    model, _, _ = FV.FastVLM.from_pretrained(TINY, dtype=dtype, fold_batchnorm=False, fast=False)
+    model, _, _ = loading.load_model(TINY, dtype=dtype, fold_batchnorm=False, fast=False)
     taken = sum(t.nbytes for t in {t.data_ptr(): t for t in model.state_dict().values()}.values())
     with torch.device("meta"):
-        skeleton = FV.FastVLM(*FV.model_config(TINY)[1:3])
-    assert FV.model_bytes(skeleton, dtype) == taken
-    monkeypatch.setattr(FV, "free_memory", lambda device: taken - 1)
+        skeleton = FV.FastVLM(*loading.model_config(TINY)[1:3])
+    assert loading.model_bytes(skeleton, dtype) == taken
+    monkeypatch.setattr(loading, "free_memory", lambda device: taken - 1)
     with pytest.raises(CheckpointError) as refused:
-        FV.FastVLM.from_pretrained(TINY, dtype=dtype)
+        loading.load_model(TINY, dtype=dtype)
     message = str(refused.value)
     kind = str(dtype).removeprefix("torch.")
-    assert f"needs {FV.size_text(taken)} in {kind} but this machine has {FV.size_text(taken - 1)} free" in message
+    assert f"needs {loading.size_text(taken)} in {kind} but this machine has {loading.size_text(taken - 1)} free" in message
     assert ("load it in bfloat16 (--dtype bfloat16)" in message) == (dtype == torch.float32)
-    monkeypatch.setattr(FV, "free_memory", lambda device: taken)
-    FV.FastVLM.from_pretrained(TINY, dtype=dtype, fold_batchnorm=False, fast=False)
+    monkeypatch.setattr(loading, "free_memory", lambda device: taken)
+    loading.load_model(TINY, dtype=dtype, fold_batchnorm=False, fast=False)
 
 
 def test_free_memory_is_the_machines():
@@ -131,7 +132,7 @@ def test_free_memory_is_the_machines():
     info = {k: int(v.split()[0]) * 1024 for k, v in
             (line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
             if v.strip().endswith("kB")}
-    free = FV.free_memory(torch.device("cpu"))
+    free = loading.free_memory(torch.device("cpu"))
     assert info["MemAvailable"] // 2 <= free <= info["MemTotal"] + info.get("SwapTotal", 0)
 
 
@@ -152,7 +153,7 @@ def test_the_file_decides_whether_the_head_is_tied(tmp_path, tiny):
     that says tied beside a file that has lm_head.weight loads that head, untied."""
     model, tokenizer, _ = tiny
     untied_says = copy_with_config(TINY, tmp_path / "untied-says", lambda c: c.update(tie_word_embeddings=False))
-    loaded, _, _ = FV.FastVLM.from_pretrained(untied_says, fast=False)
+    loaded, _, _ = loading.load_model(untied_says, fast=False)
     assert loaded.llm.lm_head.weight is loaded.llm.embed_tokens.weight
     assert torch.equal(logits(loaded, tokenizer), logits(model, tokenizer))
 
@@ -160,7 +161,7 @@ def test_the_file_decides_whether_the_head_is_tied(tmp_path, tiny):
     tensors = load_file(str(tied_says / "model.safetensors"))
     head = tensors["model.embed_tokens.weight"].flip(0).contiguous()         # another head than the embedding
     save_file({**tensors, "lm_head.weight": head}, str(tied_says / "model.safetensors"))
-    loaded, _, _ = FV.FastVLM.from_pretrained(tied_says, fast=False)
+    loaded, _, _ = loading.load_model(tied_says, fast=False)
     assert loaded.llm.lm_head.weight is not loaded.llm.embed_tokens.weight
     assert torch.equal(loaded.llm.lm_head.weight, head)
 
@@ -171,14 +172,14 @@ def test_every_published_config_field_is_read_fixed_or_ignored():
     """Every field of Apple's published config.json, of transformers' fast_vlm config (with its text_config
     and vision_config) and of what this project writes is listed once: read (it decides the model), fixed
     (another value is refused) or ignored with the reason. A new field in a release shows up here."""
-    read, fixed, ignored = set(FV.READ_FIELDS), set(FV.FIXED_FIELDS), set(FV.IGNORED_FIELDS)
+    read, fixed, ignored = set(loading.READ_FIELDS), set(loading.FIXED_FIELDS), set(loading.IGNORED_FIELDS)
     assert not (read & fixed or read & ignored or fixed & ignored)
-    assert all(why.strip() for why in FV.IGNORED_FIELDS.values())
+    assert all(why.strip() for why in loading.IGNORED_FIELDS.values())
     hf = TRANSFORMERS_CONFIG
-    ours = FV.fast_vlm_config(FV.repmixer.FastViTHDConfig(image_size=256), FV.qwen2.QWEN2_0_5B, 151646)
+    ours = loading.fast_vlm_config(FV.repmixer.FastViTHDConfig(image_size=256), FV.qwen2.QWEN2_0_5B, 151646)
     published = (set(OFFICIAL_CONFIG) | {"auto_map"} | set(hf) | set(hf["text_config"]) | set(hf["vision_config"])
                  | set(ours) | set(ours["text_config"]) | set(ours["vision_config"])
-                 | set(FV.llava_config(FV.repmixer.FastViTHDConfig(image_size=256), FV.qwen2.QWEN2_0_5B)))
+                 | set(loading.llava_config(FV.repmixer.FastViTHDConfig(image_size=256), FV.qwen2.QWEN2_0_5B)))
     assert published <= read | fixed | ignored, sorted(published - read - fixed - ignored)
 
 
@@ -191,11 +192,11 @@ def test_a_fixed_field_with_another_value_is_refused(field, tmp_path):
     """A config whose fixed field holds another value describes another model (an anyres preprocessing,
     <im_start> tokens around the image, another feature layer, ...): refused with the field named, in
     either layout; the published value loads."""
-    assert set(WRONG) == set(FV.FIXED_FIELDS)                   # a new fixed field needs its case here
+    assert set(WRONG) == set(loading.FIXED_FIELDS)                   # a new fixed field needs its case here
     for i, base in enumerate((OFFICIAL_CONFIG, TRANSFORMERS_CONFIG)):
-        FV.model_config(config_only(tmp_path / f"ok{i}", {**base, field: FV.FIXED_FIELDS[field]}))
+        loading.model_config(config_only(tmp_path / f"ok{i}", {**base, field: loading.FIXED_FIELDS[field]}))
         with pytest.raises(CheckpointError, match=f"config.json: {field} .* is not supported"):
-            FV.model_config(config_only(tmp_path / f"bad{i}", {**base, field: WRONG[field]}))
+            loading.model_config(config_only(tmp_path / f"bad{i}", {**base, field: WRONG[field]}))
 
 
 @pytest.mark.parametrize("field,value", [
@@ -209,7 +210,7 @@ def test_a_language_model_field_of_another_model_is_refused(field, value, tmp_pa
     text = {**TRANSFORMERS_CONFIG["text_config"], field: value}
     for i, config in enumerate(({**OFFICIAL_CONFIG, field: value}, {**TRANSFORMERS_CONFIG, "text_config": text})):
         with pytest.raises(CheckpointError, match=f"^config.json: .*{field}.* is not supported"):
-            FV.model_config(config_only(tmp_path / f"m{i}", config))
+            loading.model_config(config_only(tmp_path / f"m{i}", config))
 
 
 @pytest.mark.parametrize("where,change,outcome", [
@@ -249,11 +250,11 @@ def test_a_vision_or_layout_field_changes_the_model_or_is_refused(where, change,
     folder = config_only(tmp_path / "m", {**base, **change})
     if isinstance(outcome, str):
         with pytest.raises(CheckpointError, match=outcome.replace("(", r"\(").replace("'", "'")):
-            FV.model_config(folder)
+            loading.model_config(folder)
     elif isinstance(outcome, float):
-        assert FV.model_config(folder)[2].rope_theta == outcome
+        assert loading.model_config(folder)[2].rope_theta == outcome
     else:
-        assert FV.model_config(folder)[1].image_size == outcome
+        assert loading.model_config(folder)[1].image_size == outcome
 
 
 @pytest.mark.parametrize("field,value", [("rms_norm_eps", 0.5), ("rope_theta", 10.0),
@@ -264,7 +265,7 @@ def test_a_language_model_field_changes_the_answer(field, value, tmp_path, tiny)
     model, tokenizer, _ = tiny
     change = {field: value, **({"num_key_value_heads": 4} if field == "num_attention_heads" else {})}
     folder = copy_with_config(TINY, tmp_path / "m", lambda c: c.update(change))
-    changed, _, _ = FV.FastVLM.from_pretrained(folder, fast=False)
+    changed, _, _ = loading.load_model(folder, fast=False)
     assert getattr(changed.llm.cfg, field) == value
     assert not torch.allclose(logits(changed, tokenizer), logits(model, tokenizer), rtol=1e-3, atol=1e-3)
 
@@ -274,11 +275,11 @@ def test_context_fields_bound_the_conversation(tmp_path, tiny):
     needs one token more than it is refused, one that fits gets its cache."""
     for field, value in (("max_position_embeddings", 512), ("tokenizer_model_max_length", 300)):
         folder = copy_with_config(TINY, tmp_path / field, lambda c: c.update({field: value}))
-        model, tokenizer, config = FV.FastVLM.from_pretrained(folder, fast=False)
-        chat = FV.Chat(model, tokenizer, FV.load_image(IMAGE), config)
+        model, tokenizer, config = loading.load_model(folder, fast=False)
+        chat = CH.Chat(model, tokenizer, CH.load_image(IMAGE), config)
         assert chat.context == value
         needed = len(FV.turn_ids(tokenizer, "What is it?", first=True)) - 1 + model.vision_tower.cfg.num_tokens()
-        with pytest.raises(FV.InputError, match=f"context is {value}"):
+        with pytest.raises(CH.InputError, match=f"context is {value}"):
             chat.ask("What is it?", max_new_tokens=value - needed + 1)
         chat.reserve("What is it?", max_new_tokens=value - needed)
         assert model.llm.max_len == value
@@ -291,12 +292,12 @@ def test_image_token_index_must_be_the_tokenizers(tmp_path):
 
     hf, _ = convert.convert(TINY, tmp_path / "hf")
     config = json.loads((hf / "config.json").read_text())
-    assert config["image_token_index"] == FV.load_tokenizer(hf).token_id("<image>") == 377
-    FV.FastVLM.from_pretrained(hf, fast=False)
+    assert config["image_token_index"] == loading.load_tokenizer(hf).token_id("<image>") == 377
+    loading.load_model(hf, fast=False)
     config["image_token_index"] = 12
     (hf / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="image_token_index is 12 but the tokenizer's <image> token is 377"):
-        FV.FastVLM.from_pretrained(hf)
+        loading.load_model(hf)
 
 
 # --- questions measured before they are tokenized -------------------------------------------------------
@@ -307,20 +308,20 @@ def test_a_20_mb_question_peaks_within_100_mib_of_a_normal_one():
     of the peak after a normal question, and the refusal is one line."""
     script = textwrap.dedent("""
         import json, sys
-        import fastvlm as FV
+        from support import chat as CH, loading
 
         def peak():
             return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 
-        model, tokenizer, config = FV.FastVLM.from_pretrained(sys.argv[1], fast=False)
-        chat = FV.Chat(model, tokenizer, FV.load_image(sys.argv[2]), config)
+        model, tokenizer, config = loading.load_model(sys.argv[1], fast=False)
+        chat = CH.Chat(model, tokenizer, CH.load_image(sys.argv[2]), config)
         chat.ask("What is in the picture?", max_new_tokens=8)
         normal = peak()
         question = "What is in the picture? " * (20 * 2**20 // 24)
         try:
             chat.ask(question, max_new_tokens=8)
             error = None
-        except FV.InputError as e:
+        except CH.InputError as e:
             error = str(e)
         print(json.dumps({"normal": normal, "long": peak(), "error": error}))
     """)
@@ -338,16 +339,16 @@ def test_the_size_limit_is_exact_and_comes_before_the_image_and_the_tokens(tiny,
     (which may answer it); one byte more is refused from its size alone, before the image is encoded or
     a token made. Text that NFC shortens is measured as the tokenizer sees it."""
     model, tokenizer, config = tiny
-    longest = FV.longest_token_bytes(tokenizer)
+    longest = CH.longest_token_bytes(tokenizer)
     token = max((t for t in tokenizer.tok.get_vocab() if t.isascii() and t.isprintable()), key=len)
     assert len(token) == longest                                  # the longest token is plain ASCII here
-    chat = FV.Chat(model, tokenizer, FV.load_image(IMAGE), config)
+    chat = CH.Chat(model, tokenizer, CH.load_image(IMAGE), config)
     room = chat.context * longest - len(FV.SYSTEM_PROMPT)
     for question in ("x" * (room + 1), "\u00e9" * (room // 2 + 1)):
         monkeypatch.setattr(tokenizer, "encode_text", None)                   # no token may be made
         size = len(question.encode()) + len(FV.SYSTEM_PROMPT)
         assert size > chat.context * longest
-        with pytest.raises(FV.InputError, match=f"the question with the system prompt is {size:,} bytes: more "
+        with pytest.raises(CH.InputError, match=f"the question with the system prompt is {size:,} bytes: more "
                            f"than the {chat.context:,} tokens left"):
             chat.ask(question)
         monkeypatch.undo()
@@ -355,7 +356,7 @@ def test_the_size_limit_is_exact_and_comes_before_the_image_and_the_tokens(tiny,
     decomposed = "e\u0301" * (room // 2)                                       # 3 bytes each, 2 after NFC
     assert len(decomposed.encode()) > room
     for question in ("x" * room, decomposed):
-        with pytest.raises(FV.InputError, match="the conversation needs"):    # counted in tokens
+        with pytest.raises(CH.InputError, match="the conversation needs"):    # counted in tokens
             chat.ask(question)
 
 
@@ -369,4 +370,4 @@ def test_nfc_never_shortens_utf8_more_than_the_limit_assumes():
             continue
         composed = len(unicodedata.normalize("NFC", c).encode())
         ratio = max(ratio, len(unicodedata.normalize("NFD", c).encode()) / composed, len(c.encode()) / composed)
-    assert ratio == FV.NFC_MAX_SHRINK
+    assert ratio == CH.NFC_MAX_SHRINK

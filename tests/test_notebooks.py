@@ -135,7 +135,7 @@ def prose_files():
     for path in sorted((root / "docs").glob("*.md")):
         yield path, path.read_text()
     tests = [p for p in sorted(Path(__file__).parent.glob("*.py")) if p.name != "test_notebooks.py"]  # (names them)
-    for path in sorted(root.glob("*.py")) + sorted((root / "tools").glob("*.py")) + tests:
+    for path in sorted(root.glob("*.py")) + sorted((root / "support").glob("*.py")) + sorted((root / "tools").glob("*.py")) + tests:
         yield path, prose_of_python(path.read_text())
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)

@@ -10,10 +10,11 @@ import torch
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file
 
-import fastvlm as FV
 import repmixer as R
 from synthetic import REFERENCE, synthetic_image, synthetic_state_dict
 from tolerance import assert_close
+from support import loading  # noqa: E402
+from support.checkpoint import load_exact  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -217,8 +218,12 @@ def test_paper_token_table_comes_out_of_the_config():
 
 @pytest.fixture(scope="module")
 def official_encoder():
+    """FastViTHD with the official checkpoint's tensors, named as Apple names them, loaded the way
+    support/loading.py loads a checkpoint: through the LLaVA layout's names, every tensor accounted for."""
     model = R.FastViTHD(fused=True).eval()
-    FV.load_official(model, synthetic_state_dict(prefix=FV.VISION_PREFIX))
+    tensors = synthetic_state_dict(prefix=loading.VISION_PREFIX)
+    ours = {loading.LLAVA.ours(k, model.cfg): v for k, v in tensors.items()}
+    load_exact(model, {k.removeprefix("vision_tower."): v for k, v in ours.items() if k is not None})
     return model
 
 

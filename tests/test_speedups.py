@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torch.profiler import profile
 
-import speedups
+from support import speedups
 import fastvlm as FV
 import qwen2 as Q
 import repmixer as R
+from support import loading  # noqa: E402
 
 # float32 products of length <= a few hundred: the fused kernels sum in another order than the plain
 # ones, ~1e-7 relative per term. The bound is elementwise: 1e-5 of each value plus 1e-5 of the output's
@@ -31,6 +32,11 @@ REL32 = 1e-5
 if platform.machine().lower() in ("x86_64", "amd64"):
     assert speedups.HAVE_FUSED_OPS, "this torch build lacks torch.ops.mkldnn._convolution_pointwise"
 
+
+
+def swapped_modules(model):
+    """The modules of `model` that speedups.apply() swapped for a faster class."""
+    return [m for m in model.modules() if type(m) in (*speedups.CPU_SWAPS.values(), *speedups.CUDA_SWAPS.values())]
 
 def both_paths(fn):
     """fn() on the plain ops and on the fused kernels, without autograd (the fused path's condition)."""
@@ -149,7 +155,7 @@ def test_apply_swaps_modules_and_changes_no_parameter():
     assert all(torch.equal(before[k], after[k]) for k in before)
     swapped = {type(m) for m in fast.modules()} & set(speedups.CPU_SWAPS.values())
     assert swapped == set(speedups.CPU_SWAPS.values()), "a registered swap never happened"
-    assert not speedups.is_applied(plain) and speedups.is_applied(fast)
+    assert not swapped_modules(plain) and swapped_modules(fast)
     assert fast.vision_tower.stem[0].fused.weight.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -223,7 +229,7 @@ def test_training_takes_the_plain_path_and_backpropagates():
     torch.manual_seed(0)
     plain = R.FastViTHD(SMALL).train()
     fast = speedups.apply(copy.deepcopy(plain))
-    assert speedups.is_applied(fast)
+    assert swapped_modules(fast)
     x = torch.rand(2, 3, 128, 128)
     losses = []
     for model in (plain, fast):
@@ -333,13 +339,13 @@ def test_plain_ops_puts_back_the_switch_it_found():
         speedups.enabled = before
 
 
-def test_from_pretrained_applies_the_speed_step_unless_told_not_to(tmp_path):
+def test_load_model_applies_the_speed_step_unless_told_not_to(tmp_path):
     from synthetic import write_fastvlm_checkpoint
 
     folder = write_fastvlm_checkpoint(tmp_path / "m", vision_cfg=SMALL)
-    fast, _, _ = FV.FastVLM.from_pretrained(folder)
-    plain, _, _ = FV.FastVLM.from_pretrained(folder, fast=False)
-    assert speedups.is_applied(fast) and not speedups.is_applied(plain)
+    fast, _, _ = loading.load_model(folder)
+    plain, _, _ = loading.load_model(folder, fast=False)
+    assert swapped_modules(fast) and not swapped_modules(plain)
     assert plain.vision_tower.is_fused                       # folded all the same
     x = torch.rand(1, 3, 128, 128)
     with torch.no_grad():
@@ -538,7 +544,7 @@ def test_static_forward_takes_a_gpu_kernels_output_layout(monkeypatch):
 @torch.no_grad()
 def test_no_nan_reaches_a_graph_through_masked_slots():
     """The graphs read every cache slot, masked or not, and 0 * NaN is NaN: a failed turn's keys and
-    values are zeroed (generate forgets them), and a padded prompt's padding caches zeros."""
+    values are zeroed before the next prompt's graph runs, and a padded prompt's padding caches zeros."""
     torch.manual_seed(7)
     llm = graphed(Q.Qwen2(replace(DECODER, tie_word_embeddings=False)).init_weights(std=0.2).eval())
     for layer in llm.layers:                                    # k/v biases, as Qwen2 has: a zero row's k/v
@@ -548,8 +554,7 @@ def test_no_nan_reaches_a_graph_through_masked_slots():
     first = poisoned_after_first_token(llm, prompt)
     with pytest.raises(Q.NonFiniteLogits):
         Q.generate(llm, tokens=prompt, max_new_tokens=5)       # its NaN keys and values were cached
-    for layer in llm.layers:
-        assert torch.equal(layer.self_attn.cache.k, torch.zeros_like(layer.self_attn.cache.k))
+    assert any(layer.self_attn.cache.k.isnan().any() for layer in llm.layers)   # what the next turn must not meet
     llm.embed_tokens.weight[first] = 0.0                        # repaired: the next turn must be clean
     plain = copy.deepcopy(llm)
     plain.__class__ = Q.Qwen2

@@ -13,6 +13,7 @@ import fastvlm as FV
 import qwen2
 import shapes_data
 import train as T
+from support import chat as CH, llava_data as DA, loading, training as TR  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 
@@ -31,7 +32,7 @@ def run_train(data, out, *extra):
 
 
 def state(folder):
-    return torch.load(Path(folder) / T.STATE, weights_only=True)
+    return torch.load(Path(folder) / TR.STATE, weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ RECIPE = {   # stage: (the parts that learn, peak learning rate)
 def test_default_options_are_llava_1_5s():
     """Every test passes --lr and most pass their own schedule, so a wrong default would train every
     user's run wrongly and no test would notice. The defaults against their sources."""
-    args = T.parse_args(["--stage", "2", "--data", "d.json", "--images", "i", "--out", "o"])
+    args = T.build_parser().parse_args(["--stage", "2", "--data", "d.json", "--images", "i", "--out", "o"])
     assert args.lr is None                      # the stage's: RECIPE above
     assert args.epochs == 1.0                   # pretrain.sh and finetune.sh: --num_train_epochs 1
     assert args.warmup == 0.03                  # both: --warmup_ratio 0.03 (and --lr_scheduler_type cosine)
@@ -104,17 +105,21 @@ def test_labels_cover_only_the_answers_and_their_end_marker(base_run):
     """The loss covers each answer and its <|im_end|> (LLaVA's masking), never the prompt, the template or the
     image: a mask that learns the questions trains the model to ask them, one that misses <|im_end|> never
     learns to stop."""
-    _, tokenizer = T.model_from_state(state(base_run), base_run)
+    _, tokenizer = TR.model_from_state(state(base_run), base_run)
     turns = [{"from": "human", "value": "<image>\nHow many shapes are there?"}, {"from": "gpt", "value": "2"},
              {"from": "human", "value": "Describe the image."}, {"from": "gpt", "value": "a red circle and a blue square"}]
-    ids, labels = T.tokenize_conversation(tokenizer, turns)
+    ids, labels = FV.conversation_ids(tokenizer, DA.exchanges(turns))
     learnt = [i for i, l in zip(ids, labels) if l != -100]
     assert tokenizer.decode(learnt, skip_special_tokens=False) == "2<|im_end|>a red circle and a blue square<|im_end|>"
     assert all(l == -100 for i, l in zip(ids, labels) if i == FV.IMAGE_TOKEN_INDEX)
-    full = tokenizer.decode([i for i in ids if i >= 0], skip_special_tokens=False)
-    assert full.startswith(FV.SYSTEM + FV.USER + "\nHow many")      # the image marker was cut out of the text
+    # Apple's `qwen_2` template, written out: the image marker moved before the question, on its own line
+    template = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nHow many "
+                "shapes are there?<|im_end|>\n<|im_start|>assistant\n2<|im_end|>\n<|im_start|>user\nDescribe the "
+                "image.<|im_end|>\n<|im_start|>assistant\na red circle and a blue square<|im_end|>\n")
+    before, after = template.split("<image>")
+    assert ids == tokenizer.encode(before) + [FV.IMAGE_TOKEN_INDEX] + tokenizer.encode(after)
     # through the model, the image positions are masked too
-    model, _ = T.model_from_state(state(base_run), base_run)
+    model, _ = TR.model_from_state(state(base_run), base_run)
     pixels = torch.rand(1, 3, 256, 256)
     logits, spread = model(pixels, torch.tensor([ids]), torch.tensor([labels]))
     at = ids.index(FV.IMAGE_TOKEN_INDEX)
@@ -126,11 +131,11 @@ def test_labels_cover_only_the_answers_and_their_end_marker(base_run):
 def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(data):
     """Eight steps on one fixed batch cut its loss: a loss cut off from the weights (detached, wrong labels,
     everything frozen) would not fall."""
-    records = T.load_records(data / "train.json", data / "images")
+    records = DA.load_records(data / "train.json", data / "images")
     torch.manual_seed(0)
-    model, tokenizer = T.build_scratch(records)
-    dataset = T.Dataset(records, data / "images", tokenizer, 256, 2048)
-    batch = T.collate([dataset[i] for i in range(4)], 0)
+    model, tokenizer = TR.build_scratch(records)
+    dataset = DA.Dataset(records, data / "images", tokenizer, 256, 2048)
+    batch = DA.collate([dataset[i] for i in range(4)], 0)
     T.set_trainable(model, "2", bn_train=True)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
@@ -193,11 +198,11 @@ def test_ddp_two_processes_equal_one_process(data, base_run, tmp_path, how):
 def test_checkpoint_loads_and_answers_through_infer(base_run, data):
     """What train.py writes is a checkpoint infer.py loads and answers from (the official layout, fused),
     its weights readable as its other files are (safetensors alone writes them owner-only, 0o600)."""
-    from checkpoint import new_file_mode
+    from support.checkpoint import new_file_mode
 
     modes = {f.name: f.stat().st_mode & 0o777 for f in base_run.iterdir() if f.is_file()}
     assert modes["model.safetensors"] == modes["config.json"] == new_file_mode(), modes
-    model, tokenizer, config = FV.FastVLM.from_pretrained(base_run)
+    model, tokenizer, config = loading.load_model(base_run)
     assert model.vision_tower.is_fused and config["fastvithd"]["image_size"] == 256
     proc = subprocess.run([sys.executable, str(ROOT / "infer.py"), str(data / "images" / "heldout_000000.png"),
                            "How many shapes are there?", "--model", str(base_run), "--max-new-tokens", "3"],
@@ -213,11 +218,11 @@ def test_exported_model_computes_what_the_trained_model_computed(base_run, data)
     strings)."""
     from tolerance import assert_close
 
-    exported, tokenizer, _ = FV.FastVLM.from_pretrained(base_run)
-    trained, _ = T.model_from_state(state(base_run), base_run)
+    exported, tokenizer, _ = loading.load_model(base_run)
+    trained, _ = TR.model_from_state(state(base_run), base_run)
     trained.eval()
-    image = FV.load_image(data / "images" / "heldout_000000.png")
-    ids = FV.tokenize_with_image(tokenizer, FV.first_turn("How many shapes are there?"))
+    image = CH.load_image(data / "images" / "heldout_000000.png")
+    ids = FV.turn_ids(tokenizer, "How many shapes are there?", first=True)
     pixels = FV.preprocess(image, exported.image_size)[None]
     runs = []
     for model in (exported, trained):
@@ -234,16 +239,16 @@ def test_exported_model_computes_what_the_trained_model_computed(base_run, data)
 def test_tied_export_writes_no_head_and_untied_does(base_run):
     """Official tied checkpoints store no `lm_head.weight` (save_pretrained drops the tied copy); an
     untied model must write its own head, or the reloaded model would tie what was trained apart."""
-    model, _ = T.model_from_state(state(base_run), base_run)
+    model, _ = TR.model_from_state(state(base_run), base_run)
     assert model.llm.cfg.tie_word_embeddings
-    tied = T.export_tensors(model)
+    tied = TR.export_tensors(model)
     assert "lm_head.weight" not in tied and "model.embed_tokens.weight" in tied
     untied_cfg = qwen2.Qwen2Config(**{**model.llm.cfg.__dict__, "tie_word_embeddings": False})
     untied = FV.FastVLM(model.vision_tower.cfg, untied_cfg, fused=False)
     untied.load_state_dict(model.state_dict(), strict=False)
     with torch.no_grad():
         untied.llm.lm_head.weight.mul_(2)
-    out = T.export_tensors(untied)
+    out = TR.export_tensors(untied)
     assert torch.equal(out["lm_head.weight"], 2 * out["model.embed_tokens.weight"])
 
 
@@ -308,7 +313,7 @@ def test_resume_without_state_and_mismatched_init(capsys, data, tmp_path, base_r
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in base_run.iterdir():
-        if f.name != T.STATE:
+        if f.name != TR.STATE:
             (broken / f.name).write_bytes(f.read_bytes())
     config = json.loads((broken / "config.json").read_text())
     config["hidden_size"] = 256
@@ -331,7 +336,7 @@ def test_long_samples_are_truncated_and_counted(capsys, data, tmp_path):
 def test_shipped_tiny_model_reads_the_image():
     """The shipped tiny model answers from the image (>= 90 % of fresh questions), not from the question
     alone (<= 45 % without it)."""
-    model, tokenizer, _ = FV.FastVLM.from_pretrained(ROOT / "models" / "fastvlm-tiny")
+    model, tokenizer, _ = loading.load_model(ROOT / "models" / "fastvlm-tiny")
     seen, per_type, _ = shapes_data.evaluate(model, tokenizer, samples=200, seed=2024, progress=False)
     blind, _, _ = shapes_data.evaluate(model, tokenizer, samples=200, seed=2024, blind=True, progress=False)
     assert seen >= 0.90, per_type
@@ -344,7 +349,7 @@ def test_init_from_hf_qwen2_plus_fastvlm_vision_tower(data, tmp_path):
     from synthetic import SMALL_LLM, synthetic_llm_tensors, write_fastvlm_checkpoint, write_official_tokenizer
     from safetensors.torch import save_file
 
-    vision = write_fastvlm_checkpoint(tmp_path / "vlm", vision_cfg=T.TINY_VISION)
+    vision = write_fastvlm_checkpoint(tmp_path / "vlm", vision_cfg=TR.TINY_VISION)
     llm_dir = write_official_tokenizer(tmp_path / "qwen2")
     cfg = Q.Qwen2Config.from_dict(SMALL_LLM)
     save_file(synthetic_llm_tensors(cfg), str(llm_dir / "model.safetensors"))
@@ -353,9 +358,9 @@ def test_init_from_hf_qwen2_plus_fastvlm_vision_tower(data, tmp_path):
     assert T.main(["--stage", "1", "--init-llm", str(llm_dir), "--init-vision", str(vision), "--data",
                    str(data / "train.json"), "--images", str(data / "images"), "--out", str(out),
                    "--batch-size", "2", "--steps", "1", "--no-progress"]) == 0
-    model, tokenizer, _ = FV.FastVLM.from_pretrained(out)
-    reference, _, _ = FV.FastVLM.from_pretrained(vision)
+    model, tokenizer, _ = loading.load_model(out)
+    reference, _, _ = loading.load_model(vision)
     assert len(tokenizer) == 151646
-    llm = FV.load_qwen2(llm_dir)
+    llm = loading.load_qwen2(llm_dir)
     assert torch.equal(model.llm.layers[1].mlp.up_proj.weight, llm.layers[1].mlp.up_proj.weight)
     assert torch.equal(model.vision_tower.stages[4].cpe.fused.weight, reference.vision_tower.stages[4].cpe.fused.weight)

@@ -11,6 +11,7 @@ import torch
 import fastvlm as FV
 import shapes_data
 import train as T
+from support import llava_data as DA, options as OP, training as TR  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +76,14 @@ def test_text_only_rows_do_not_change_the_others(data):
     """A text-only conversation in a batch is padded after its end: the other rows' logits are those of
     a batch without it, and its own are those it has alone."""
     torch.manual_seed(0)
-    model, tokenizer = T.build_scratch(T.load_records(data / "train.json"))
+    model, tokenizer = TR.build_scratch(DA.load_records(data / "train.json"))
     model.eval()
-    ds = T.Dataset(T.load_records(data / "train.json", data / "images"), None, tokenizer, 256, 2048)
-    text = T.Dataset([T.normalise(TEXT_ONLY, "r", {"text-only": 0})], None, tokenizer, 256, 2048)[0]
+    ds = DA.Dataset(DA.load_records(data / "train.json", data / "images"), None, tokenizer, 256, 2048)
+    text = DA.Dataset([DA.normalise(TEXT_ONLY, "r", {"text-only": 0})], None, tokenizer, 256, 2048)[0]
     with torch.no_grad():
-        mixed, spread = model(*T.collate([ds[0], text, ds[1]], 0))
-        alone, _ = model(*T.collate([ds[0], ds[1]], 0))
-        own, _ = model(*T.collate([text], 0))
+        mixed, spread = model(*DA.collate([ds[0], text, ds[1]], 0))
+        alone, _ = model(*DA.collate([ds[0], ds[1]], 0))
+        own, _ = model(*DA.collate([text], 0))
     assert torch.allclose(mixed[[0, 2]], alone, atol=1e-5)
     n = own.shape[1]
     assert torch.allclose(mixed[1, :n], own[0], atol=1e-5) and (spread[1, n:] == -100).all()
@@ -136,11 +137,11 @@ def test_image_that_fails_mid_run_keeps_a_resumable_checkpoint(capsys, data, tmp
     code = run(data, out, [tmp_path / "d.json"], "--steps", "4", "--seed", "1", images=[images])
     msg = last_error(capsys, code)
     assert "not a readable image" in msg and "--resume" in msg
-    step = torch.load(out / T.STATE, weights_only=True)["step"]
+    step = torch.load(out / TR.STATE, weights_only=True)["step"]
     assert step >= 1
     broken.write_bytes(good)
     assert run(data, out, [tmp_path / "d.json"], "--steps", "4", "--seed", "1", "--resume", images=[images]) == 0
-    assert torch.load(out / T.STATE, weights_only=True)["step"] == 4
+    assert torch.load(out / TR.STATE, weights_only=True)["step"] == 4
 
 
 def test_diverging_run_stops_and_keeps_nothing_bad(capsys, data, tmp_path):
@@ -194,7 +195,7 @@ def test_damaged_training_state(capsys, data, tmp_path):
     would run whatever code it holds)."""
     out = tmp_path / "o"
     assert run(data, out, [data / "train.json"], "--steps", "1") == 0
-    state = out / T.STATE
+    state = out / TR.STATE
     state.write_bytes(state.read_bytes()[:1000])
     msg = last_error(capsys, run(data, out, [data / "train.json"], "--steps", "2", "--resume"))
     assert "is damaged" in msg and "weights_only=False" not in msg
@@ -215,7 +216,7 @@ def test_ctrl_c_saves_a_resumable_step(capsys, data, tmp_path, monkeypatch):
     assert run(data, out, [data / "train.json"], "--steps", "5") == 130
     assert "step 2 is saved" in capsys.readouterr().err
     monkeypatch.setattr(T, "step_loss", real)
-    assert torch.load(out / T.STATE, weights_only=True)["step"] == 2
+    assert torch.load(out / TR.STATE, weights_only=True)["step"] == 2
     assert run(data, out, [data / "train.json"], "--steps", "5", "--resume") == 0
 
 
@@ -230,7 +231,7 @@ def test_workers_give_the_same_losses_and_resume_exactly(data, tmp_path):
     trains on exactly what decoding in the loop does, and a run stopped at step 2 and resumed with
     workers equals the uninterrupted one."""
     base = ["--steps", "4", "--seed", "2", "--lr", "1e-3"]
-    workers = str(min(2, T.cpu_count()))
+    workers = str(min(2, OP.cpu_count()))
     assert run(data, tmp_path / "w0", [data / "train.json"], *base, "--workers", "0") == 0
     assert run(data, tmp_path / "w2", [data / "train.json"], *base, "--workers", workers) == 0
     assert run(data, tmp_path / "r", [data / "train.json"], *base, "--workers", workers, "--stop-after", "2") == 0
@@ -244,7 +245,7 @@ def test_rising_image_sizes(data, tmp_path, monkeypatch):
     """--image-sizes 128,192,256 over 6 steps: steps 1-2 at 128 px (4 image tokens), 3-4 at 192 (9),
     5-6 at 256 (16); a checkpoint saved mid-schedule records its size, and the resumed run continues
     the schedule where it stopped."""
-    assert [T.size_at(s, 6, [128, 192, 256]) for s in range(6)] == [128, 128, 192, 192, 256, 256]
+    assert [DA.size_at(s, 6, [128, 192, 256]) for s in range(6)] == [128, 128, 192, 192, 256, 256]
     tokens = []
     real = FV.FastVLM.encode_image
 
@@ -290,16 +291,16 @@ def test_held_out_evaluation(capsys, data, tmp_path):
 def test_grad_checkpoint_gives_the_same_loss_and_gradients(data, bn_train):
     """With activation checkpointing the loss, every gradient and the BatchNorm running statistics are
     those without (the encoder stages are left alone while BatchNorm learns batch statistics)."""
-    records = T.load_records(data / "train.json", data / "images")
+    records = DA.load_records(data / "train.json", data / "images")
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model, tokenizer = T.build_scratch(records)
+        model, tokenizer = TR.build_scratch(records)
         T.set_trainable(model, "2", bn_train)
         if checkpointing:
-            assert T.use_grad_checkpoint(model, bn_train) == 4 + (0 if bn_train else 5)
-        ds = T.Dataset(records, None, tokenizer, 256, 2048)
-        loss = T.step_loss(model, [T.collate([ds[0], ds[1]], 0)], "token", 1)
+            assert TR.use_grad_checkpoint(model, bn_train) == 4 + (0 if bn_train else 5)
+        ds = DA.Dataset(records, None, tokenizer, 256, 2048)
+        loss = T.step_loss(model, [DA.collate([ds[0], ds[1]], 0)], "token", 1)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         stats = {n: b.clone() for n, b in model.named_buffers() if "running" in n}
         results.append((loss, grads, stats))

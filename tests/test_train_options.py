@@ -21,9 +21,10 @@ import torch
 
 import shapes_data
 import train as T
+from support import llava_data as DA, loading, options as OP, training as TR  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
-CPUS = T.cpu_count()
+CPUS = OP.cpu_count()
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def run(data, out, *extra, init="scratch"):
 
 
 def state(folder):
-    return torch.load(Path(folder) / T.STATE, weights_only=True)
+    return torch.load(Path(folder) / TR.STATE, weights_only=True)
 
 
 def log_rows(out):
@@ -111,8 +112,8 @@ def test_each_epoch_reads_the_data_in_the_distributed_samplers_order(data, base,
     the same 3, at epoch 0, then at epoch 1 (a sampler never told its epoch repeats the first epoch's order;
     one that does not shuffle reads the file in order every epoch)."""
     read = []
-    getitem = T.Dataset.__getitem__
-    monkeypatch.setattr(T.Dataset, "__getitem__", lambda self, i: read.append(i) or getitem(self, i))
+    getitem = DA.Dataset.__getitem__
+    monkeypatch.setattr(DA.Dataset, "__getitem__", lambda self, i: read.append(i) or getitem(self, i))
     assert run(data, tmp_path / "e", "--lr", "1e-3", "--epochs", "2", "--seed", "3", init=base) == 0
     sampler = torch.utils.data.DistributedSampler(range(8), num_replicas=1, rank=0, shuffle=True, seed=3)
     expected = []
@@ -127,8 +128,8 @@ def test_the_largest_seed_lasts_the_longest_run():
     """--seed 18446744073709551615 (2**64 - 1) passed, then failed at the epoch boundary with a traceback:
     the sampler draws epoch e's order from --seed + e, past what torch's generators take. MAX_SEED leaves
     room for MAX_STEPS epochs, and no more is needed (at least one step an epoch)."""
-    sampler = torch.utils.data.DistributedSampler(range(4), num_replicas=1, rank=0, shuffle=True, seed=T.MAX_SEED)
-    sampler.set_epoch(T.MAX_STEPS)
+    sampler = torch.utils.data.DistributedSampler(range(4), num_replicas=1, rank=0, shuffle=True, seed=OP.MAX_SEED)
+    sampler.set_epoch(OP.MAX_STEPS)
     assert sorted(sampler) == [0, 1, 2, 3]
     sampler.seed += 1
     with pytest.raises(ValueError):                   # (torch: "Overflow when unpacking long long")
@@ -261,7 +262,6 @@ def test_grad_checkpoint_recomputes_and_says_so(capsys, data, base, plain, tmp_p
 def test_tokenizer_data_teaches_the_tokenizer_its_words(data, tmp_path):
     """--tokenizer-data: a from-scratch tokenizer also learns the texts of later stages' data, whose
     words then take fewer tokens; the written tokenizer shows it."""
-    import fastvlm as FV
 
     word = "zyzzyva"
     extra = [{"id": f"x{i}", "conversations": [{"from": "human", "value": f"{word} {word}?"},
@@ -269,7 +269,7 @@ def test_tokenizer_data_teaches_the_tokenizer_its_words(data, tmp_path):
     (tmp_path / "later.json").write_text(json.dumps(extra))
     assert run(data, tmp_path / "without", "--steps", "1") == 0
     assert run(data, tmp_path / "with", "--steps", "1", "--tokenizer-data", tmp_path / "later.json") == 0
-    sizes = [len(FV.load_tokenizer(tmp_path / name).encode_text(" " + word)) for name in ("without", "with")]
+    sizes = [len(loading.load_tokenizer(tmp_path / name).encode_text(" " + word)) for name in ("without", "with")]
     assert sizes[1] < sizes[0]
 
 
@@ -332,8 +332,8 @@ def test_grad_accum_equals_a_larger_batch(data, base, tmp_path):
     ("--image-sizes", "256,128", "--image-sizes 256,128: the sizes must rise"),
     ("--image-sizes", "128,128", "the sizes must rise"),
     ("--image-sizes", "0,128", "--image-sizes: 0 is not a size in pixels"),
-    ("--seed", "99999999999999999999", f"--seed must be at most {T.MAX_SEED:,} (torch's generators take seeds"),
-    ("--seed", str(2**64 - 1), f"--seed must be at most {T.MAX_SEED:,}"),
+    ("--seed", "99999999999999999999", f"--seed must be at most {OP.MAX_SEED:,} (torch's generators take seeds"),
+    ("--seed", str(2**64 - 1), f"--seed must be at most {OP.MAX_SEED:,}"),
     ("--seed", "-1", "--seed must be at least 0"),
 ])
 def test_counts_and_sizes_have_upper_bounds(capsys, data, tmp_path, monkeypatch, option, value, fragment):
@@ -346,9 +346,9 @@ def test_counts_and_sizes_have_upper_bounds(capsys, data, tmp_path, monkeypatch,
     def never(*a, **k):
         raise AssertionError(f"{option} {value} was refused only after loading")
 
-    monkeypatch.setattr(T, "initialise", never)
+    monkeypatch.setattr(TR, "initialise", never)
     if "gives" not in fragment:          # the steps an --epochs gives need the data's record count
-        monkeypatch.setattr(T, "load_datasets", never)
+        monkeypatch.setattr(TR, "load_datasets", never)
     msg = one_error(capsys, run(data, tmp_path / "o", option, value))
     assert fragment in msg
     assert not (tmp_path / "o").exists()
@@ -357,9 +357,9 @@ def test_counts_and_sizes_have_upper_bounds(capsys, data, tmp_path, monkeypatch,
 def test_the_largest_image_size_is_the_encoders():
     """MAX_IMAGE_SIZE is the largest side a FastViTHD config accepts: a checkpoint trained at it loads
     again, one beyond it would not."""
-    T.TINY_VISION.__class__(**{**T.TINY_VISION.__dict__, "image_size": T.MAX_IMAGE_SIZE})
+    TR.TINY_VISION.__class__(**{**TR.TINY_VISION.__dict__, "image_size": OP.MAX_IMAGE_SIZE})
     with pytest.raises(ValueError):
-        T.TINY_VISION.__class__(**{**T.TINY_VISION.__dict__, "image_size": T.MAX_IMAGE_SIZE + 64})
+        TR.TINY_VISION.__class__(**{**TR.TINY_VISION.__dict__, "image_size": OP.MAX_IMAGE_SIZE + 64})
 
 
 def test_every_option_has_help_with_its_default():
@@ -471,7 +471,7 @@ def test_full_disk_while_trimming_the_log_on_resume(capsys, data, tmp_path):
     assert not (out / "log.jsonl.tmp").exists() and [r["global_step"] for r in log_rows(out)] == [1, 2]
     kept = {f.name: f.read_bytes() for f in out.iterdir()}
     (out / "log.jsonl.tmp").write_text("left by a kill\n")
-    T.clean_leftovers(out)                             # what every run does first
+    TR.clean_leftovers(out)                             # what every run does first
     assert {f.name: f.read_bytes() for f in out.iterdir()} == kept
 
 

@@ -12,6 +12,7 @@ import torch
 import fastvlm as FV
 import shapes_data
 import train as T
+from support import llava_data as DA, training as TR  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -35,12 +36,12 @@ SIZE = 128    # px: 4 image tokens, enough to see a splice, and fast in float64
 
 
 def records(data, name="train.json"):
-    return T.load_records(data / name, data / "images")
+    return DA.load_records(data / name, data / "images")
 
 
 def scratch(recs, dtype=torch.float32):
     torch.manual_seed(0)
-    model, tokenizer = T.build_scratch(recs)
+    model, tokenizer = TR.build_scratch(recs)
     return model.to(dtype), tokenizer
 
 
@@ -52,7 +53,7 @@ TEXT_ONLY = {"id": "t", "conversations": [{"from": "human", "value": "Say yes."}
 def test_every_learnt_label_is_the_next_token_across_the_image_splice(data):
     """A label shifted by one position after the image (or anywhere) trains "copy the current token",
     and that still lowers the loss, so no loss curve shows it. Through the path training takes
-    (tokenize_conversation, Dataset, collate, the model's forward with labels, step_loss) for a
+    (fastvlm.conversation_ids, Dataset, collate, the model's forward with labels, step_loss) for a
     single-turn, a multi-turn and a text-only conversation in one batch: (1) the learnt labels are
     exactly the answers and their <|im_end|>; (2) each learnt label is the token the LLM reads at its
     position (the image's N embeddings stand where its one placeholder stood); (3) step_loss is the mean,
@@ -62,12 +63,12 @@ def test_every_learnt_label_is_the_next_token_across_the_image_splice(data):
     recs = records(data)
     multi = recs[0]
     single = {**recs[1], "conversations": recs[1]["conversations"][:2]}
-    text = T.normalise(TEXT_ONLY, "t", {"text-only": 0})
+    text = DA.normalise(TEXT_ONLY, "t", {"text-only": 0})
     model, tokenizer = scratch(recs, torch.float64)
     T.set_trainable(model, "2", bn_train=False)
     batch = [(p if p is None else p.double(), i, l) for p, i, l in
-             (T.Dataset([r], None, tokenizer, SIZE, 2048)[0] for r in (single, multi, text))]
-    pixels, ids, labels = T.collate(batch, pad_id=0)
+             (DA.Dataset([r], None, tokenizer, SIZE, 2048)[0] for r in (single, multi, text))]
+    pixels, ids, labels = DA.collate(batch, pad_id=0)
     logits, spread = model(pixels, ids, labels)
     n_image = model.vision_tower.cfg.num_tokens(SIZE, SIZE)
     assert n_image == 4
@@ -128,11 +129,11 @@ def test_accumulated_micro_batches_equal_one_large_batch(data, average):
     recs = records(data)
     model, tokenizer = scratch(recs, torch.float64)
     T.set_trainable(model, "2", bn_train=False)
-    ds = T.Dataset(recs, None, tokenizer, SIZE, 2048)
+    ds = DA.Dataset(recs, None, tokenizer, SIZE, 2048)
     items = [tuple(t if t is None or t.dtype != torch.float32 else t.double() for t in ds[i]) for i in range(4)]
     # micro-batches of 1 and 3 samples with different answer lengths: their token counts differ
-    micro = [T.collate(items[:1], 0), T.collate(items[1:], 0)]
-    whole = T.collate(items, 0)
+    micro = [DA.collate(items[:1], 0), DA.collate(items[1:], 0)]
+    whole = DA.collate(items, 0)
     tokens = [(m[2][:, 1:] != -100).sum().item() for m in micro]
     assert tokens[0] * 3 != tokens[1]
     runs = []
@@ -173,11 +174,11 @@ def test_evaluation_leaves_the_model_bit_identical(data):
     assert len(set(modes.values())) == 2
     rng = torch.get_rng_state()
     held_out = records(data, "heldout.json")
-    loss, exact, asked = T.evaluate(model, tokenizer, held_out, 256, 2048, 2, torch.device("cpu"))
+    loss, exact, asked = TR.evaluate(model, tokenizer, held_out, 256, 2048, 2, torch.device("cpu"), T.answer_loss)
     assert asked == 2 and 0 <= exact <= 1
     reference = copy.deepcopy(model).eval()
-    ds = T.Dataset(held_out, None, tokenizer, 256, 2048)
-    assert loss == pytest.approx(T.step_loss(reference, [T.collate([ds[0], ds[1]], 0)], "token", 1), rel=1e-5)
+    ds = DA.Dataset(held_out, None, tokenizer, 256, 2048)
+    assert loss == pytest.approx(T.step_loss(reference, [DA.collate([ds[0], ds[1]], 0)], "token", 1), rel=1e-5)
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)

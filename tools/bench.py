@@ -36,7 +36,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]                # the model files
 import fastvlm as FV  # noqa: E402
 import qwen2 as Q  # noqa: E402
 import repmixer as R  # noqa: E402
-import speedups  # noqa: E402
+from support import loading, speedups  # noqa: E402
+from support.chat import Chat, synchronize  # noqa: E402
 
 
 # --quick: FastViTHD's structure at toy widths, so that every section runs in seconds.
@@ -51,11 +52,11 @@ def median_seconds(fn, runs, warmup=1, device=None):
     times = []
     for _ in range(runs):
         if device is not None:
-            FV.synchronize(device)
+            synchronize(device)
         t = time.perf_counter()
         fn()
         if device is not None:
-            FV.synchronize(device)
+            synchronize(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -213,7 +214,7 @@ def bench_decoder(args):
 
     cfg = llm_config(args.quick)
     tensors = synthetic_llm_tensors(cfg)
-    ours = speedups.apply(FV.load_llm(cfg, tensors))
+    ours = speedups.apply(loading.load_llm(cfg, tensors))
     prompt_len, new = (20, 8) if args.quick else (300, 32)
     ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     ref = None if args.no_reference else hf_qwen2(cfg, tensors)
@@ -290,14 +291,14 @@ def bench_ttft(args):
         fields = {k: getattr(Q.QWEN2_0_5B, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
                   "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}
         write_fastvlm_checkpoint(folder, fields, dtype=torch.float32)
-    model, tokenizer, config = FV.FastVLM.from_pretrained(folder)
-    plain, _, _ = FV.FastVLM.from_pretrained(folder, fast=False)   # the model files alone, no speed step
+    model, tokenizer, config = loading.load_model(folder)
+    plain, _, _ = loading.load_model(folder, fast=False)   # the model files alone, no speed step
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
     new = 4 if args.quick else 16
     runs = 1 if args.quick else args.runs
 
     def two_turns(m):
-        chat = FV.Chat(m, tokenizer, image, config)
+        chat = Chat(m, tokenizer, image, config)
         chat.ask(QUESTION, max_new_tokens=new)
         first = chat.timing
         chat.ask(FOLLOW_UP, max_new_tokens=new)
@@ -323,7 +324,7 @@ def bench_ttft(args):
     ours, plain_ours = summary(timings), summary(plain_timings)
     gflops, gbps = probe(args, quiet=True)
     pixels = FV.preprocess(image, model.image_size)[None]
-    ids = FV.tokenize_with_image(tokenizer, FV.first_turn(QUESTION))
+    ids = FV.turn_ids(tokenizer, QUESTION, first=True)
     with speedups.flop_counter() as counter:                  # one encoder pass: its FLOPs and its features
         features = model.vision_tower(pixels)
     enc_flops = counter.get_total_flops()
@@ -375,7 +376,7 @@ def hf_fastvlm_ttft(folder, image, new, quick, device="cpu", dtype=torch.float32
     if quick:
         print("(--quick: the transformers reference needs the released vision tower; skipped)")
         return None
-    from checkpoint import read_safetensors
+    from support.checkpoint import read_safetensors
     from synthetic import timm_encoder
     try:
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -389,7 +390,7 @@ def hf_fastvlm_ttft(folder, image, new, quick, device="cpu", dtype=torch.float32
         "num_key_value_heads", "rope_theta", "rms_norm_eps", "max_position_embeddings")}, tie_word_embeddings=True)
     config = FastVlmConfig(text_config=text, image_token_index=151646, image_seq_length=256)
     model = FastVlmForConditionalGeneration(config).eval()
-    timm_model = timm_encoder({k: v for k, v in tensors.items() if k.startswith(FV.VISION_PREFIX)})
+    timm_model = timm_encoder({k: v for k, v in tensors.items() if k.startswith(loading.VISION_PREFIX)})
     model.model.vision_tower.timm_model.load_state_dict(timm_model.state_dict(), strict=False)
     model.model.multi_modal_projector.linear_1.load_state_dict(
         {"weight": tensors["model.mm_projector.0.weight"], "bias": tensors["model.mm_projector.0.bias"]})
@@ -402,32 +403,32 @@ def hf_fastvlm_ttft(folder, image, new, quick, device="cpu", dtype=torch.float32
     model.to(device, dtype)
     processor = CLIPImageProcessorPil(crop_size={"height": 1024, "width": 1024}, image_mean=[0.0] * 3,
                                       image_std=[1.0] * 3, size={"shortest_edge": 1024})
-    tokenizer = FV.load_tokenizer(folder)
+    tokenizer = loading.load_tokenizer(folder)
 
-    def prompt_ids(text):
-        ids = FV.tokenize_with_image(tokenizer, text)
+    def prompt_ids(ids):
         at = ids.index(FV.IMAGE_TOKEN_INDEX)
         return torch.tensor([ids[:at] + [151646] * 256 + ids[at + 1:]], device=device)
 
-    def run(text, tokens):
+    def run(ids, tokens):
         t = time.perf_counter()
         pixels = processor(FV.expand_to_square(image), return_tensors="pt")["pixel_values"].to(device, dtype)
-        out = model.generate(prompt_ids(text), pixel_values=pixels, max_new_tokens=tokens, min_new_tokens=tokens,
+        out = model.generate(prompt_ids(ids), pixel_values=pixels, max_new_tokens=tokens, min_new_tokens=tokens,
                              do_sample=False, pad_token_id=151643)
-        FV.synchronize(device)
+        synchronize(device)
         return time.perf_counter() - t, out
 
-    _, out = run(FV.first_turn(QUESTION), new)                 # (also the warm-up)
-    answer = tokenizer.decode(out[0, -new:].tolist(), skip_special_tokens=False)
-    follow_text = FV.first_turn(QUESTION) + answer + FV.next_turn(FOLLOW_UP)   # the whole chat again
+    first = FV.turn_ids(tokenizer, QUESTION, first=True)
+    _, out = run(first, new)                                   # (also the warm-up)
+    follow_ids = (first + out[0, -new:].tolist() + tokenizer.encode(FV.END)     # the whole chat again
+                  + FV.turn_ids(tokenizer, FOLLOW_UP, first=False))
     pixels = processor(FV.expand_to_square(image), return_tensors="pt")["pixel_values"].to(device, dtype)
-    embeds = model.model.get_input_embeddings()(prompt_ids(FV.first_turn(QUESTION)))
+    embeds = model.model.get_input_embeddings()(prompt_ids(first))
 
     def one_run():
         """One measurement of every quantity, in seconds (decode as the time of new - 1 tokens)."""
-        ttft = run(FV.first_turn(QUESTION), 1)[0]
-        return {"ttft": ttft, "decode": run(FV.first_turn(QUESTION), new)[0] - ttft,
-                "follow_up": run(follow_text, 1)[0],
+        ttft = run(first, 1)[0]
+        return {"ttft": ttft, "decode": run(first, new)[0] - ttft,
+                "follow_up": run(follow_ids, 1)[0],
                 "encoder": median_seconds(lambda: model.model.get_image_features(pixel_values=pixels), 1, 0, device),
                 "prefill": median_seconds(lambda: model.model.language_model(inputs_embeds=embeds), 1, 0, device)}
     return one_run
@@ -608,7 +609,7 @@ def ttft_prompt_tokens(cfg):
 
     with tempfile.TemporaryDirectory() as folder:
         write_official_tokenizer(folder)
-        ids = FV.tokenize_with_image(FV.load_tokenizer(folder), FV.first_turn(QUESTION))
+        ids = FV.turn_ids(loading.load_tokenizer(folder), QUESTION, first=True)
     return len(ids) - 1 + cfg.num_tokens()                      # <image> stands for the visual tokens
 
 

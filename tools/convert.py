@@ -21,7 +21,7 @@ What changes is names, the config and the tokenizer files; every tensor keeps it
 
 The folder is written beside its destination and renamed into place when complete, every file with the
 mode new files get (0o666 less the umask; safetensors alone would write the weights 0o600). The source
-may also be a Hugging Face repo id, found as infer.py's --model finds it (fastvlm.resolve_model).
+may also be a Hugging Face repo id, found as infer.py's --model finds it (loading.resolve_model).
 """
 
 import argparse
@@ -38,8 +38,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fastvlm as FV  # noqa: E402
-from checkpoint import (CheckpointError, iter_safetensors, load_exact, safetensors_names, write_errno,  # noqa: E402
-                        write_safetensors)
+from support import loading  # noqa: E402
+from support.checkpoint import (CheckpointError, iter_safetensors, load_exact, safetensors_names, write_errno,  # noqa: E402
+                                write_safetensors)
 
 SHARD_BYTES = 4 * 2**30          # shards of at most this many bytes, as save_pretrained writes them
 CHAT_TEMPLATE = (  # transformers' template for FastVLM: Apple's qwen_2 conversation, the image before the text
@@ -63,7 +64,7 @@ def pad_rows(t, rows):
 def convert_tensors(src, layout, target, vision_cfg, llm_cfg, tmp, rows=None):
     """Stream every tensor of `src` into `tmp` under the new layout's names; returns (stored dtype, Qwen2 config)."""
     names = safetensors_names(src)
-    cfg = FV.tied_as_stored(llm_cfg, names)
+    cfg = loading.tied_as_stored(llm_cfg, names)
     with torch.device("meta"):                        # the model the config describes: names and shapes only
         model = FV.FastVLM(vision_cfg, cfg)
     shards, shard, size, dropped, dtypes = [], {}, 0, [], set()
@@ -87,7 +88,7 @@ def convert_tensors(src, layout, target, vision_cfg, llm_cfg, tmp, rows=None):
             shard[target.theirs(ours, vision_cfg)] = t.contiguous()
             size += t.nbytes
 
-    load_exact(model, stream(), where=FV.part_of,
+    load_exact(model, stream(), where=loading.part_of,
                file_names={name: layout.theirs(name, vision_cfg) for name in model.state_dict()})
     shards.append(shard)
     write_safetensors(shard, tmp / f"part-{len(shards)}.safetensors")
@@ -147,29 +148,29 @@ def write_llava_tokenizer(tokenizer, folder):
 
 def convert(src, dst, to=None):
     """Convert the folder `src` into a new folder `dst` in the layout `to` (default: the other one)."""
-    src, dst = FV.resolve_model(src), Path(dst)
+    src, dst = loading.resolve_model(src), Path(dst)
     if dst.exists():
         raise CheckpointError(f"{dst} already exists; choose a new folder for the converted model")
     if src.resolve() in dst.resolve().parents:
         raise CheckpointError(f"{dst} is inside the model folder {src}; choose a folder outside it")
-    layout, vision_cfg, llm_cfg, config = FV.model_config(src)
-    target = {"llava": FV.LLAVA, "fast_vlm": FV.FAST_VLM}[to] if to else (
-        FV.FAST_VLM if layout is FV.LLAVA else FV.LLAVA)
+    layout, vision_cfg, llm_cfg, config = loading.model_config(src)
+    target = {"llava": loading.LLAVA, "fast_vlm": loading.FAST_VLM}[to] if to else (
+        loading.FAST_VLM if layout is loading.LLAVA else loading.LLAVA)
     if target is layout:
         raise CheckpointError(f"{src} is already in the {layout.name} layout")
-    tokenizer = FV.load_tokenizer(src)
+    tokenizer = loading.load_tokenizer(src)
     tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
         rows = None
-        if target is FV.FAST_VLM and tokenizer.token_id(FV.IMAGE) is None and len(tokenizer) >= llm_cfg.vocab_size:
+        if target is loading.FAST_VLM and tokenizer.token_id(FV.IMAGE) is None and len(tokenizer) >= llm_cfg.vocab_size:
             # no embedding row for the `<image>` token about to be added (a model whose vocabulary is exactly
             # its tokenizer's): rows up to a multiple of 64, as transformers' own conversion pads them
             rows = -(-(len(tokenizer) + 1) // 64) * 64
         dtype, llm_cfg = convert_tensors(src, layout, target, vision_cfg, llm_cfg, tmp, rows)
-        if target is FV.FAST_VLM:
+        if target is loading.FAST_VLM:
             image_id = write_fast_vlm_tokenizer(tokenizer, tmp)
-            new_config = FV.fast_vlm_config(vision_cfg, llm_cfg, image_id, dtype)
+            new_config = loading.fast_vlm_config(vision_cfg, llm_cfg, image_id, dtype)
             side = vision_cfg.image_size
             (tmp / "preprocessor_config.json").write_text(json.dumps({  # Apple's CLIP processor settings
                 "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
@@ -183,7 +184,7 @@ def convert(src, dst, to=None):
                 "image_token": FV.IMAGE}, indent=2))
         else:
             write_llava_tokenizer(tokenizer, tmp)
-            new_config = FV.llava_config(vision_cfg, llm_cfg, {"torch_dtype": dtype, "eos_token_id": 151645,
+            new_config = loading.llava_config(vision_cfg, llm_cfg, {"torch_dtype": dtype, "eos_token_id": 151645,
                                                                "bos_token_id": 151643})
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2))
         tmp.rename(dst)

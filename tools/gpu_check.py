@@ -51,6 +51,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]                # the model files
 import bench  # noqa: E402
 import fastvlm as FV  # noqa: E402
 import qwen2 as Q  # noqa: E402
+from support import loading, speedups  # noqa: E402
+from support.chat import Chat  # noqa: E402
 from synthetic import SMALL_LLM, write_fastvlm_checkpoint  # noqa: E402
 
 QUESTION, FOLLOW_UP = bench.QUESTION, bench.FOLLOW_UP
@@ -58,7 +60,7 @@ QUESTION, FOLLOW_UP = bench.QUESTION, bench.FOLLOW_UP
 
 def prompt_embeds(model, tokenizer, image):
     """The first turn's (1, T, d) input to the LLM, as Chat builds it."""
-    pixels = FV.to_pixels(FV.square_rgb(image, model.image_size), model.llm.device, model.llm.dtype)
+    pixels = speedups.to_pixels(FV.square_rgb(image, model.image_size), model.llm.device, model.llm.dtype)
     return model.embed(FV.turn_ids(tokenizer, QUESTION, first=True), model.encode_image(pixels))
 
 
@@ -95,7 +97,7 @@ def compare(ctx, device, new, rows):
                                    (f"{device.type} fp32", device, torch.float32, True),
                                    (f"{device.type} fp32 plain", device, torch.float32, False),
                                    (f"{device.type} bf16", device, torch.bfloat16, True)]:
-        model, tokenizer, _ = FV.FastVLM.from_pretrained(ctx.folder, device=dev, dtype=dtype, fast=fast)
+        model, tokenizer, _ = loading.load_model(ctx.folder, device=dev, dtype=dtype, fast=fast)
         embeds = prompt_embeds(model, tokenizer, ctx.image)
         logits = model.llm(embeds=embeds, last_only=True)[0, -1, :len(tokenizer)].float().cpu()
         greedy = decode_ids(model, embeds, new, len(tokenizer))
@@ -118,7 +120,7 @@ def compare(ctx, device, new, rows):
                                   "sampled_identical": fast["sampled"] == plain["sampled"],
                                   "logit_spread": ref["logits"].std().item()}
     rgb = torch.arange(256, dtype=torch.uint8).repeat_interleave(3).reshape(16, 16, 3)
-    pixels = FV.to_pixels(rgb, device).cpu()[0, 0].numpy()
+    pixels = speedups.to_pixels(rgb, device).cpu()[0, 0].numpy()
     out["pixels_exact"] = bool(np.array_equal(pixels, np.arange(256, dtype=np.float32).reshape(16, 16)
                                               / np.float32(255.0)))
     return out
@@ -131,12 +133,12 @@ def compare(ctx, device, new, rows):
 @torch.no_grad()
 def time_ours(ctx, fast):
     device, dtype = ctx.device, ctx.dtype
-    model, tokenizer, config = FV.FastVLM.from_pretrained(ctx.folder, device=device, dtype=dtype, fast=fast)
-    chat = FV.Chat(model, tokenizer, ctx.image, config)
-    startup = chat.warm_up(QUESTION, 8)
+    model, tokenizer, config = loading.load_model(ctx.folder, device=device, dtype=dtype, fast=fast)
+    chat = Chat(model, tokenizer, ctx.image, config)
+    startup = speedups.warm_up(chat, QUESTION, 8)
     turns = []
     for _ in range(ctx.runs):
-        chat = FV.Chat(model, tokenizer, ctx.image, config)
+        chat = Chat(model, tokenizer, ctx.image, config)
         chat.ask(QUESTION, max_new_tokens=8)
         first = chat.timing
         chat.ask(FOLLOW_UP, max_new_tokens=8)
@@ -169,7 +171,7 @@ def weight_bytes_per_token(llm):
 
 def encoder_layouts(model, tokenizer, ctx):
     """The encoder alone on the same pixels, NCHW (its weights as loaded) against channels-last."""
-    pixels = FV.to_pixels(FV.square_rgb(ctx.image, model.image_size), ctx.device, model.llm.dtype)
+    pixels = speedups.to_pixels(FV.square_rgb(ctx.image, model.image_size), ctx.device, model.llm.dtype)
     nchw = bench.median_seconds(lambda: model.vision_tower(pixels), ctx.runs, device=ctx.device)
     last = copy.deepcopy(model.vision_tower).to(memory_format=torch.channels_last)
     cl_pixels = pixels.contiguous(memory_format=torch.channels_last)

@@ -123,7 +123,7 @@ def generate(out, n_train, n_heldout, seed, turns=3, max_objects=3, types=QUESTI
 
 def evaluate(model, tokenizer, samples=500, seed=1234, blind=False, progress=True):
     """Exact-match accuracy per question type on fresh single-question samples; blind = blank image."""
-    from fastvlm import Chat
+    from support.chat import Chat
 
     rng = random.Random(seed)
     blank = Image.new("RGB", (SIDE, SIDE), BACKGROUND)
@@ -174,12 +174,12 @@ def main(argv=None):
         return 0
     import torch
 
-    from checkpoint import CheckpointError
-    from fastvlm import FastVLM
+    from support.checkpoint import CheckpointError
+    from support.loading import load_model
 
     torch.set_grad_enabled(False)
     try:
-        model, tokenizer, _ = FastVLM.from_pretrained(args.model)
+        model, tokenizer, _ = load_model(args.model)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from support import loading  # noqa: E402
 
 REFERENCE = Path(__file__).parent / "reference"   # key manifests and parameter counts of the release
 # Fused kernels that hold an identity (RepMixer: x + ls * (mixer(x) - BN(x)); RepCPE: x + pe(x)): the
@@ -219,19 +220,18 @@ SMALL_LLM = dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_h
 def fastvlm_tensors(llm_fields=SMALL_LLM, vision_cfg=None, tied=True):
     """Official-layout tensors: full FastViTHD (or a small config), the projector, a Qwen2 of `llm_fields`
     (with its own `lm_head.weight` when not `tied`, as the 7B has)."""
-    import fastvlm
     import qwen2
     import repmixer
 
     llm_cfg = qwen2.Qwen2Config.from_dict({**OFFICIAL_CONFIG, **llm_fields})
     if vision_cfg is None:
-        tensors = synthetic_state_dict(prefix=fastvlm.VISION_PREFIX)
+        tensors = synthetic_state_dict(prefix=loading.VISION_PREFIX)
         out_channels = 3072
     else:
         names = repmixer.FastViTHD(vision_cfg, fused=True).state_dict()
         tensors = {}
         for name, value in names.items():
-            key = fastvlm.VISION_PREFIX + fastvlm.to_official_key(name, vision_cfg)
+            key = loading.VISION_PREFIX + loading.to_official_key(name, vision_cfg)
             tensors[key] = synthetic_tensor(key, tuple(value.shape), "int64" if value.dtype == torch.int64 else "float")
         out_channels = vision_cfg.out_channels
     d = llm_cfg.hidden_size
@@ -248,7 +248,7 @@ def write_fastvlm_checkpoint(folder, llm_fields=SMALL_LLM, vision_cfg=None, dtyp
     import json
     from dataclasses import asdict
 
-    from checkpoint import write_safetensors
+    from support.checkpoint import write_safetensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,7 @@ of the weights. So:
 """
 
 import contextlib
+import time
 import warnings
 from contextlib import contextmanager
 
@@ -61,6 +62,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import fastvlm as FV
 import qwen2
 import repmixer
 
@@ -410,9 +412,18 @@ class GraphedQwen2(qwen2.Qwen2):
                 graph["input"][:, :T].copy_(embeds)
                 graph["input"][:, T:].zero_()
                 graph["last"].fill_(T - 1)
+                self._forget_after(start + T)
             graph["start"].fill_(start)
             graph["replay"]()
             return graph["logits"].clone()          # the next replay overwrites graph["logits"]
+
+    def _forget_after(self, end):
+        """Zero every cache slot from `end` on before a prompt's graph runs. The graphs read all slots,
+        masked or not, and 0 * NaN is NaN: what a failed turn (NaN logits, qwen2.NonFiniteLogits) left
+        past the new prompt must not reach it. The plain forward reads only slots it has just written."""
+        for layer in self.layers:
+            layer.self_attn.cache.k[:, :, end:] = 0
+            layer.self_attn.cache.v[:, :, end:] = 0
 
     def _graph_key(self, batch):
         """What the recorded kernels read, by identity and address: when any of it changes, record again."""
@@ -478,6 +489,53 @@ def apply(model):
     return model
 
 
-def is_applied(model):
-    """True when some module of `model` has been swapped by apply()."""
-    return any(type(m) in (*CPU_SWAPS.values(), *CUDA_SWAPS.values()) for m in model.modules())
+# ----------------------------------------------------------------------------------------------------
+# What a conversation (support/chat.py) does differently for speed on a GPU.
+# ----------------------------------------------------------------------------------------------------
+
+# k / 255 for every 8-bit k, divided on the CPU: numpy's correctly rounded float32 values (tests check all
+# 256). A GPU gets them by table lookup, because torch's CUDA kernel for `x / 255.0` multiplies by a
+# rounded 1/255 instead (a scalar divisor becomes its reciprocal: aten/src/ATen/native/cuda/
+# BinaryDivTrueKernel.cu), one unit off in the last place for 126 of the 256 values.
+PIXEL_VALUES = torch.arange(256, dtype=torch.float32).div_(255.0)
+_pixel_tables = {}
+
+
+def to_pixels(rgb, device="cpu", dtype=torch.float32):
+    """fastvlm.to_pixels on `device` in `dtype`: (S, S, 3) uint8 -> (1, 3, S, S). On a GPU the 8-bit
+    values travel, a quarter of the float copy, and are looked up there in PIXEL_VALUES."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return FV.to_pixels(rgb).to(dtype)
+    key = (str(device), dtype)
+    if key not in _pixel_tables:
+        _pixel_tables[key] = PIXEL_VALUES.to(device, dtype)
+    return _pixel_tables[key][rgb.to(device).permute(2, 0, 1)[None].long()].contiguous()
+
+
+def cache_length(needed, context):
+    """The KV cache's length for a conversation that needs `needed` positions: grown in big steps, whole
+    multiples of 64 (attention kernels want aligned rows), at least 1024, so that a chat reallocates it
+    (and a GPU records its graphs again) rarely; never past the model's `context`."""
+    return min(context, max(-(-2 * needed // 64) * 64, 1024))
+
+
+@torch.no_grad()
+def warm_up(chat, question, max_new_tokens=256, temperature=0.0, top_p=1.0):
+    """Pay a device's one-time costs on a turn that is then forgotten, so that the chat's next ask() is
+    timed in the steady state: on CUDA the first call of each kernel loads it and picks its algorithm
+    (seconds for the encoder), and the first prefill and decode steps record their graphs (GraphedQwen2).
+    The cache is sized for `question` and `max_new_tokens` first, as ask() will need it, so nothing is
+    reallocated (and recorded again) after; with the same sampling options, so that their kernels are
+    loaded too. Returns the seconds it took; the chat is as it was."""
+    start = time.perf_counter()
+    saved = list(chat.history), chat.pos, chat.image_embeds, chat.stop_ids, chat.timing
+    chat.reserve(question, max_new_tokens)
+    chat.stop_ids = set()                              # at least one decode step, whatever is sampled
+    try:
+        chat.ask(question, max_new_tokens=2, temperature=temperature, top_p=top_p)
+    finally:
+        chat.history, chat.pos, chat.image_embeds, chat.stop_ids, chat.timing = saved
+    if chat.model.llm.device.type == "cuda":
+        torch.cuda.synchronize(chat.model.llm.device)
+    return time.perf_counter() - start
