@@ -104,7 +104,8 @@ def turn_ids(tokenizer, question, first, system=SYSTEM_PROMPT, image=True):
             return ids + tokenizer.encode(USER) + [IMAGE_TOKEN_INDEX] + tokenizer.encode_text("\n" + question) \
                 + tokenizer.encode(END + ASSISTANT)
     # pieces: <|im_start|> "user\n{question}" <|im_end|> "\n" <|im_start|> "assistant\n"
-    return ids + tokenizer.encode(START) + tokenizer.encode_text("user\n" + question) + tokenizer.encode(END + ASSISTANT)
+    return (ids + tokenizer.encode(START) + tokenizer.encode_text("user\n" + question)
+            + tokenizer.encode(END + ASSISTANT))
 
 
 def conversation_ids(tokenizer, exchanges, system=SYSTEM_PROMPT, image=True):

@@ -30,12 +30,6 @@ import torch.nn.functional as F
 # Configuration: the three official sizes; any HF Qwen2 config.json reads into the same dataclass.
 # ----------------------------------------------------------------------------------------------------
 
-# Far beyond any released Qwen2 (7B: 28 layers, width 3584, 152,064 tokens): a config.json past these is
-# damaged, and building its model would exhaust the memory before any tensor could disagree with it.
-LIMITS = {"vocab_size": 2**22, "hidden_size": 2**16, "intermediate_size": 2**18, "num_hidden_layers": 1024,
-          "num_attention_heads": 1024, "num_key_value_heads": 1024, "max_position_embeddings": 2**22}
-
-
 @dataclass(frozen=True)
 class Qwen2Config:
     """The sizes of a Qwen2 decoder. Every field is read: the first six shape the weights,
@@ -54,18 +48,25 @@ class Qwen2Config:
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = True
 
+    # config.json is user input. Each whole-number field's upper bound, far beyond any released Qwen2 (7B:
+    # 28 layers, width 3584, 152,064 tokens): a config past one is damaged, and building its model would
+    # exhaust the memory before any tensor could disagree with it. Floats must be positive and finite.
+    LIMITS = {"vocab_size": 2**22, "hidden_size": 2**16, "intermediate_size": 2**18, "num_hidden_layers": 1024,
+              "num_attention_heads": 1024, "num_key_value_heads": 1024, "max_position_embeddings": 2**22}
+
     def __post_init__(self):
-        for f in fields(self):              # config.json is user input: "896" or 0 must not get further
+        for f in fields(self):              # "896" or 0 must not get further
             value, kind = getattr(self, f.name), type(f.default)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)   # True is an int
+            whole = number and isinstance(value, int)
             if kind is bool:
-                ok = isinstance(value, bool)
+                ok, wanted = isinstance(value, bool), "true or false"
+            elif kind is float:
+                ok, wanted = number and 0 < value < float("inf"), "a positive finite number"
             else:
-                ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool) \
-                    and 0 < value < float("inf") and (kind is float or value <= LIMITS.get(f.name, 2**31))
+                top = self.LIMITS[f.name]
+                ok, wanted = whole and 0 < value <= top, f"a whole number from 1 to {top:,}"
             if not ok:
-                wanted = "true or false" if kind is bool else (
-                    f"a positive {'finite number' if kind is float else 'integer'}"
-                    + (f" of at most {LIMITS[f.name]:,}" if f.name in LIMITS else ""))
                 raise ValueError(f"{f.name} must be {wanted}, not {value!r}")
         if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"hidden_size {self.hidden_size} must split into {self.num_attention_heads} heads, "

@@ -27,7 +27,7 @@ official checkpoints are stored in (Apple's names for it are `reparam_conv` / `l
 fastvlm.py maps them onto the names used here).
 
 Every `forward` below is the paper's equation in plain PyTorch ops. Faster CPU kernels for some of
-them live in speedups.py, which swaps modules of a loaded model without changing its parameters.
+them live in support/speedups.py, which swaps modules of a loaded model without changing its parameters.
 """
 
 from dataclasses import dataclass, fields
@@ -61,28 +61,32 @@ class FastViTHDConfig:
     cpe_kernel: int = 7                     # conditional positional encoding before attention stages
     layer_scale_init: float = 1e-5
 
-    def __post_init__(self):
-        # config.json is user input: every size a whole positive number within reason (a depth of 10**8
-        # or a side of 10**6 would exhaust the memory before any weight could disagree with it)
-        def whole(name, value, top):
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= top:
-                raise ValueError(f"{name} must be a whole number from 1 to {top:,}, not {value!r}")
+    # config.json is user input: each whole-number field's bound (for each entry of a list), far beyond the
+    # release; a depth of 10**8 would exhaust the memory before any weight could disagree with it.
+    LIMITS = {"depths": 1024, "widths": 2**16, "head_dim": 2**12, "image_size": 4096, "expansion": 64,
+              "repmixer_kernel": 31, "ffn_kernel": 31, "downsample_kernel": 31, "cpe_kernel": 31}
 
+    def __post_init__(self):
         for name in ("depths", "widths", "mixers"):
             if not isinstance(getattr(self, name), tuple) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty list, one entry per stage")
         if not (len(self.depths) == len(self.widths) == len(self.mixers)):
             raise ValueError("depths, widths and mixers need one entry per stage")
-        for d, w in zip(self.depths, self.widths):
-            whole("a stage depth", d, 1024)
-            whole("a stage width", w, 2**16)
-        for name, top in (("head_dim", 2**12), ("image_size", 4096), ("expansion", 64), ("repmixer_kernel", 31),
-                          ("ffn_kernel", 31), ("downsample_kernel", 31), ("cpe_kernel", 31)):
-            whole(name, getattr(self, name), top)
-        for name in ("mlp_ratio", "se_ratio", "layer_scale_init"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
-                raise ValueError(f"{name} must be a positive finite number, not {value!r}")
+        for f in fields(self):              # "1024" or 0 must not get further
+            kind = type(f.default)
+            for value in (getattr(self, f.name) if kind is tuple else (getattr(self, f.name),)):
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)   # True is an int
+                whole = number and isinstance(value, int)
+                if kind is float:
+                    ok, wanted = number and 0 < value < float("inf"), "a positive finite number"
+                elif f.name in self.LIMITS:
+                    top = self.LIMITS[f.name]
+                    ok, wanted = whole and 0 < value <= top, f"a whole number from 1 to {top:,}"
+                else:                       # mixers: checked by name below
+                    continue
+                if not ok:
+                    raise ValueError(f"{f.name} must be {wanted}" + (" in each entry" if kind is tuple else "")
+                                     + f", not {value!r}")
         if self.image_size % self.stride:
             raise ValueError(f"image_size {self.image_size} is not a multiple of the encoder's stride {self.stride}")
         for w, m in zip(self.widths, self.mixers):

@@ -297,7 +297,7 @@ IGNORED_FIELDS = {
     "mm_vision_select_layer": "ignored by Apple's MobileCLIP tower too: it returns its last feature map",
     "mm_vision_select_feature": "ignored by Apple's MobileCLIP tower too: every token is a patch token",
     "torch_dtype": "the dtype the weights are stored in: any float dtype is read and cast to the one asked "
-                   "for (from_pretrained's dtype, infer.py's --dtype)",
+                   "for (load_model's dtype, infer.py's --dtype)",
     "dtype": "transformers' name for torch_dtype",
     "do_pooling": "timm's classifier head, which FastVLM never runs",
     "global_pool": "timm's classifier head, which FastVLM never runs",
@@ -578,8 +578,11 @@ def not_enough_memory(folder, need, free, dtype, device):
 
 def allocate(model, dtype=None, device="cpu"):
     """A model built on the meta device -> the same model on `device` in `dtype`, its tensors allocated
-    but not initialised (every one is filled by the loader). What to_empty() cannot keep is restored:
-    a tied head's one tensor (to_empty makes two) and the computed RoPE tables."""
+    but not initialised (every one is filled by the loader): each tensor once, a tied head's too. The
+    computed RoPE tables, which to_empty() cannot keep, are computed again."""
+    for m in model.modules():       # a tied head's tensor is the embedding's: to_empty would allocate it
+        if isinstance(m, qwen2.Qwen2) and m.cfg.tie_word_embeddings:    # again (on a GPU at once, 272 MB
+            m.lm_head.weight = None                                      # for the 0.5B model)
     model = model.to(dtype).to_empty(device=device) if dtype is not None else model.to_empty(device=device)
     for m in model.modules():
         if isinstance(m, qwen2.Qwen2):
@@ -703,7 +706,7 @@ def fill_llm(model, tensors):
 
 def load_qwen2(folder, dtype=None, device="cpu"):
     """An HF-format Qwen2 folder (config.json + model.safetensors, or shards with an index), e.g. the
-    language model a new FastVLM starts from (train.py --init-llm). As in from_pretrained, the stored
+    language model a new FastVLM starts from (train.py --init-llm). As in load_model, the stored
     names and shapes are checked against the config, and the size against the memory, before any tensor
     is read or allocated."""
     config = read_config(folder)

@@ -57,7 +57,7 @@ def infer_parser(description):
     p.add_argument("--timing", action="store_true",
                    help="print the TTFT breakdown, decode speed and peak memory on stderr (default: off)")
     p.add_argument("--plain", action="store_true",
-                   help="run the plain model files, without the speed step of speedups.py (slower; in float32 "
+                   help="run the plain model files, without the speed step of support/speedups.py (slower; in float32 "
                         "the same answers) (default: off)")
     return p
 
@@ -101,15 +101,27 @@ def is_utf8(text):
         return False
 
 
+def check_counts(counts, error):
+    """Each (option, value, lowest, highest, why) of `counts` within its bounds, else `error` (the entry
+    point's exception) with one line that names the bound and, for an upper one, why. An option left
+    unset (None) is not checked."""
+    for name, value, low, high, why in counts:
+        if value is not None and value < low:
+            raise error(f"{name} must be at least {low}" + (" (the prompt template alone takes about 25 tokens)"
+                                                          if name == "--max-length" else ""))
+        if value is not None and value > high:
+            raise error(f"{name} must be at most {high:,} ({why})")
+
+
 def check_options(args):
-    if args.max_new_tokens < 1:
-        raise UsageError("--max-new-tokens must be at least 1")
+    """infer.py's options that cannot work, before anything is loaded. Its one count without a bound here,
+    --max-new-tokens, is bounded by the model's context, which Chat.reserve checks."""
+    check_counts((("--max-new-tokens", args.max_new_tokens, 1, float("inf"), ""),
+                  ("--seed", args.seed, 0, 2**63 - 1, "the range of torch's generator")), UsageError)
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise UsageError("--temperature must be a finite number >= 0 (0 = greedy)")
     if not 0 < args.top_p <= 1:
         raise UsageError("--top-p must be in (0, 1]")
-    if args.seed is not None and not 0 <= args.seed < 2 ** 63:
-        raise UsageError("--seed must be between 0 and 2**63 - 1")
     if args.batch is not None:
         if args.image is not None:
             raise UsageError("--batch takes the images and questions from its file; drop the IMAGE argument")
@@ -281,12 +293,7 @@ def check_arguments(args):
               ("--threads", args.threads, 1, cpus, "the CPUs this process may use: more threads only compete for them"),
               ("--seed", args.seed, 0, MAX_SEED, "torch's generators take seeds below 2**64, and each epoch's data "
                                                  f"order is drawn with --seed + the epoch, up to {MAX_STEPS:,}"))
-    for name, value, low, high, why in counts:
-        if value is not None and value < low:
-            raise DataError(f"{name} must be at least {low}" + (" (the prompt template alone takes about 25 tokens)"
-                                                                 if name == "--max-length" else ""))
-        if value is not None and value > high:
-            raise DataError(f"{name} must be at most {high:,} ({why})")
+    check_counts(counts, DataError)
     if args.batch_size * args.grad_accum > MAX_STEP_SAMPLES:
         raise DataError(f"--batch-size x --grad-accum must be at most {MAX_STEP_SAMPLES:,} samples per process per "
                         f"step ({held}); use more processes for a larger global batch")

@@ -62,7 +62,7 @@ def test_checkpoint_uses_every_official_key_name(official_folder):
     assert stored == official - llm_layers                                    # the small LLM has 2 layers
 
 
-def test_from_pretrained_fills_everything(official_model):
+def test_load_model_fills_everything(official_model):
     model, tokenizer, config = official_model
     # Folding each ConvFFN's BatchNorm (weight + bias) into its conv leaves one bias: C fewer parameters
     # per block; 2x96 + 12x192 + 24x384 + 4x768 + 2x1536 = 17,856 of the release's 122,714,208.
@@ -75,7 +75,7 @@ def test_from_pretrained_fills_everything(official_model):
 
 
 def test_loading_never_accumulates_file_tensors(small_folder, monkeypatch):
-    """from_pretrained copies each tensor into its parameter and drops it: when a tensor is read from
+    """load_model copies each tensor into its parameter and drops it: when a tensor is read from
     the file, every tensor read before the previous one is gone (the loop still holds the previous one
     until it moves on), so loading never holds a second copy of the model (0.5B: docs/performance.md)."""
     import gc

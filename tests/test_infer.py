@@ -393,15 +393,16 @@ def test_vanishing_temperature_is_greedy(capsys, model_dir, photo):
 
 @pytest.mark.parametrize("change,fragment", [
     (lambda c: [c], "holds a JSON list"),
-    (lambda c: {**c, "hidden_size": "64"}, "hidden_size must be a positive integer"),
+    (lambda c: {**c, "hidden_size": "64"}, "hidden_size must be a whole number from 1 to 65,536"),
     (lambda c: {**c, "num_attention_heads": 5}, "must split into 5 heads"),
     (lambda c: {**c, "fastvithd": {**c["fastvithd"], "colour": 1}}, "unknown FastViTHD config field 'colour'"),
     (lambda c: {**c, "model_type": "llava_llama"}, "is not FastVLM"),
     # values that would divide by zero, exhaust the memory or silently break the answer: one line, at once
     (lambda c: {**c, "fastvithd": {**c["fastvithd"], "head_dim": 0}}, "head_dim must be a whole number"),
     (lambda c: {**c, "fastvithd": {**c["fastvithd"], "image_size": 10 ** 6}}, "image_size must be a whole number"),
-    (lambda c: {**c, "fastvithd": {**c["fastvithd"], "depths": [10 ** 8, 1, 1, 1, 1]}}, "a stage depth"),
-    (lambda c: {**c, "num_hidden_layers": 10 ** 9}, "num_hidden_layers must be a positive integer of at most"),
+    (lambda c: {**c, "fastvithd": {**c["fastvithd"], "depths": [10 ** 8, 1, 1, 1, 1]}},
+     "depths must be a whole number from 1 to 1,024 in each entry"),
+    (lambda c: {**c, "num_hidden_layers": 10 ** 9}, "num_hidden_layers must be a whole number from 1 to 1,024"),
     (lambda c: {**c, "rms_norm_eps": float("inf")}, "rms_norm_eps must be a positive finite number"),
     (lambda c: {**c, "tokenizer_model_max_length": "8192"}, "tokenizer_model_max_length must be a positive"),
     (lambda c: {**c, "vocab_size": 1000}, "the tokenizer has 151,646 tokens but the model's embedding 1,000 rows"),

@@ -20,6 +20,7 @@ import infer
 from support.checkpoint import CheckpointError
 from synthetic import OFFICIAL_CONFIG, REFERENCE
 from support import chat as CH, loading  # noqa: E402
+from synthetic import SMALL_LLM  # noqa: E402
 
 pytestmark = pytest.mark.inference
 ROOT = Path(__file__).parent.parent
@@ -371,3 +372,39 @@ def test_nfc_never_shortens_utf8_more_than_the_limit_assumes():
         composed = len(unicodedata.normalize("NFC", c).encode())
         ratio = max(ratio, len(unicodedata.normalize("NFD", c).encode()) / composed, len(c.encode()) / composed)
     assert ratio == CH.NFC_MAX_SHRINK
+
+
+# --- allocation ---------------------------------------------------------------------------------------
+
+def test_allocation_makes_each_tensor_once_a_tied_heads_too():
+    """Loading a tied model onto a GPU peaked at twice its size: to_empty() allocated the embedding that
+    the head shares a second time (a GPU's memory is taken at once; a CPU's pages only when written,
+    which hid it). Counted on the CPU here: the bytes allocate() asks for are the model's own, the RoPE
+    tables aside."""
+    import qwen2
+    import repmixer
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.storages = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                    self.storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return out
+
+    vision = repmixer.FastViTHDConfig(depths=(1, 1, 1, 1, 1), widths=(8, 16, 32, 64, 128), head_dim=16, image_size=256)
+    llm = qwen2.Qwen2Config(**{k: v for k, v in SMALL_LLM.items() if k != "max_window_layers"})
+    with torch.device("meta"):
+        model = FV.FastVLM(vision, llm)
+    with Allocations() as seen:
+        model = loading.allocate(model, torch.bfloat16)
+    assert model.llm.lm_head.weight is model.llm.embed_tokens.weight
+    stored = sum(t.nbytes for t in {t.data_ptr(): t for t in model.state_dict().values()}.values())
+    rope = model.llm.rope_cos.nbytes + model.llm.rope_sin.nbytes
+    assert model.llm.embed_tokens.weight.nbytes > stored / 2             # the head's copy would be seen
+    assert sum(seen.storages.values()) <= stored + 4 * rope, (sum(seen.storages.values()), stored)

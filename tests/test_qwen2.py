@@ -271,7 +271,7 @@ def test_config_keys_this_decoder_would_compute_differently_are_refused(key, val
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tied", [True, False])
-def test_from_pretrained_sharded_any_dtype(tmp_path, dtype, tied):
+def test_load_model_sharded_any_dtype(tmp_path, dtype, tied):
     cfg = TINY if tied else TINY_UNTIED
     tensors = synthetic_llm_tensors(cfg, tied)
     ref = hf_reference(cfg, tensors).to(dtype)

@@ -703,6 +703,42 @@ MUTANTS += [
            (B + "test_max_new_tokens_beyond_the_context",), "a line's own too-large max_new_tokens is told to lower --max-new-tokens"),
 ]
 
+# --- the split's one of each: the prompt renderer of chat and training, config limits beside their fields,
+# --- the options' one bounds table -------------------------------------------------------------------------
+CONFIG = I + "test_bad_config_json"
+MUTANTS += [
+    Mutant("encoder_config_limit_dropped", "repmixer.py",
+           'ok, wanted = whole and 0 < value <= top, f"a whole number from 1 to {top:,}"',
+           'ok, wanted = whole and 0 < value, f"a whole number from 1 to {top:,}"', (CONFIG,),
+           "a FastViTHD config of 10**8 blocks or a 10**6 px side is built (and exhausts the memory)"),
+    Mutant("decoder_config_limit_dropped", "qwen2.py",
+           'ok, wanted = whole and 0 < value <= top, f"a whole number from 1 to {top:,}"',
+           'ok, wanted = whole and 0 < value, f"a whole number from 1 to {top:,}"', (CONFIG,),
+           "a Qwen2 config of 10**9 layers is built (and exhausts the memory)"),
+    Mutant("option_lower_bounds_off_by_one", "support/options.py", "        if value is not None and value < low:",
+           "        if value is not None and value < low - 1:",
+           ("tests/test_train_data.py::test_bad_options", I + "test_bad_numbers"),
+           "--batch-size 0 or --seed -1 let through by the one bounds check"),
+    Mutant("infer_seed_unbounded", "support/options.py",
+           '("--seed", args.seed, 0, 2**63 - 1, "the range of torch\'s generator")',
+           '("--seed", None, 0, 2**63 - 1, "the range of torch\'s generator")', (I + "test_bad_numbers",),
+           "infer.py's --seed left out of the bounds table: torch's generator raises a traceback"),
+    Mutant("image_marker_kept_in_the_first_question", "support/llava_data.py",
+           '        questions[0] = questions[0].replace(FV.IMAGE, "").strip()',
+           "        questions[0] = questions[0].strip()",
+           ("tests/test_train.py::test_labels_cover_only_the_answers_and_their_end_marker",),
+           "LLaVA's <image> marker left in the question text beside the renderer's placeholder"),
+    Mutant("tied_head_allocated_twice", "support/loading.py",
+           "            m.lm_head.weight = None                                      # for the 0.5B model)\n",
+           "            pass\n", (LOADING + "::test_allocation_makes_each_tensor_once_a_tied_heads_too",),
+           "a tied model's shared embedding allocated twice: loading on a GPU peaks at twice the model"),
+    Mutant("cache_grown_unaligned", "support/speedups.py", "    return min(context, max(-(-2 * needed // 64) * 64, 1024))",
+           "    return min(context, max(2 * needed, 1024))",
+           (FASTVLM + "::test_warm_up_pays_the_first_call_and_leaves_the_chat_as_it_was",),
+           "the KV cache grown to a length that is not a multiple of 64"),
+]
+
+
 def checkout_copy(dest):
     """The files git tracks (and untracked, not ignored ones) as they are in the working tree."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
