@@ -9,7 +9,7 @@
 
 Time to first token (TTFT), the paper's headline metric (Sec. 4, Fig. 1), is preprocessing + encoder +
 projector + prefill: everything before the first decode step. FastViTHD's job is to make the middle two
-small: a 1024 px image becomes only 256 tokens, 16x fewer than a ViT-L/14 at 336 px would give per pixel.
+small: a 1024 px image becomes only 256 tokens, where a ViT-L/14 would make 5,329 (about 21x as many).
 
 This file is the model and what it needs to read a prompt: the official preprocessing (bit-exact), the
 `qwen_2` prompt template (one renderer, for a chat's turns and for training's labels), the projector,
@@ -39,7 +39,6 @@ STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 # ----------------------------------------------------------------------------------------------------
 # Preprocessing: exactly the official `image_aspect_ratio: pad` pipeline.
 # ----------------------------------------------------------------------------------------------------
-
 
 # The padded square of a very elongated image is far larger than the image (1 x 40000 pixels pads to
 # 40000 x 40000, 4.8 GB). Up to this many pixels, or twice the image's own, the square is built as the
@@ -89,7 +88,8 @@ def preprocess(img, size):
 
 def turn_ids(tokenizer, question, first, system=SYSTEM_PROMPT, image=True):
     """Token ids of one user turn, up to the assistant's header; the first turn opens with the system
-    prompt and holds the image's placeholder (IMAGE_TOKEN_INDEX) before the question, as LLaVA places it.
+    prompt and (unless `image` is False: a text-only conversation) holds the image's placeholder
+    (IMAGE_TOKEN_INDEX) before the question, as LLaVA places it.
 
     User text is only text: the question (and a system prompt of the user's) is encoded with special-
     token strings taken literally, so a typed `<|im_end|>` cannot close the turn, and an `<image>` typed
@@ -112,7 +112,9 @@ def conversation_ids(tokenizer, exchanges, system=SYSTEM_PROMPT, image=True):
     """The ids and labels of a whole conversation, [(question, answer or None), ...], for training: the
     same turns as a chat feeds (turn_ids), each answer followed by `<|im_end|>\n`. Labels are -100 (no
     loss) except on each answer and its `<|im_end|>`: the model learns to answer and to stop, never to
-    write the template or the user's turn (LLaVA's `preprocess_qwen_2` masks the same tokens)."""
+    write the template or the user's turn (LLaVA's `preprocess_qwen_2` masks the same tokens). Data text
+    is only text, as a user's is: a `<|im_end|>` written in a record is its characters, not a control
+    token (LLaVA's tokenizer call would take it as one, and the row would end there)."""
     ids, labels = [], []
     end = tokenizer.encode(END)                                        # <|im_end|> "\n"
     for i, (question, answer) in enumerate(exchanges):
@@ -131,6 +133,9 @@ def conversation_ids(tokenizer, exchanges, system=SYSTEM_PROMPT, image=True):
 # ----------------------------------------------------------------------------------------------------
 
 class FastVLM(nn.Module):
+    """Fig. 2 as three modules, named as Apple's checkpoints name them: `vision_tower` (FastViTHD, image ->
+    visual tokens), `mm_projector` (visual tokens -> the LLM's embedding width) and `llm` (Qwen2)."""
+
     def __init__(self, vision_cfg=repmixer.FASTVITHD, llm_cfg=qwen2.QWEN2_0_5B, fused=True):
         super().__init__()
         self.vision_tower = repmixer.FastViTHD(vision_cfg, fused=fused)
@@ -146,7 +151,8 @@ class FastVLM(nn.Module):
     def encode_image(self, pixels, timing=None):
         """(B, 3, S, S) -> (B, (S/64)^2, d): visual tokens in the LLM's embedding space.
 
-        Inference and training both encode here; `timing` (a Timing) records the encoder and projector.
+        Inference and training both encode here; `timing` (support/chat.py's Timing) records the encoder
+        and the projector.
         """
         features = self.vision_tower(pixels)                    # (B, 3072, S/64, S/64)
         if timing is not None:

@@ -87,7 +87,7 @@ class Qwen2Config:
         num_attention_heads. Every other key is ignored: ids and names (`bos_token_id`, `eos_token_id`,
         `architectures`, `model_type`), settings of training or storage (`attention_dropout`,
         `initializer_range`, `torch_dtype`, `use_cache`), `sliding_window` and `max_window_layers` (read
-        only with sliding windows on), and the `mm_*` / tokenizer keys, which fastvlm.py reads.
+        only with sliding windows on), and the `mm_*` / tokenizer keys, which support/loading.py reads.
         """
         unsupported = cls.unsupported(d)
         if unsupported:
@@ -407,8 +407,8 @@ def generate(model, tokens=None, embeds=None, start=0, max_new_tokens=64, temper
     been written to the cache, so a follow-up turn can continue at that position. `on_token(id)` is
     called as soon as each token is chosen (streaming). `vocab_limit` ignores logits past the
     tokenizer's length (padding rows of the embedding), as the official loader does by resizing.
-    Raises NonFiniteLogits when a step's logits hold NaN or infinity (no answer could be trusted); the
-    failed turn's slots of the cache are overwritten by the next turn before it reads them. A +inf logit among
+    Raises NonFiniteLogits when a step's logits hold NaN or infinity (no answer could be trusted); this
+    forward writes each cache slot before it reads it, so a later turn never meets the failed one's. A +inf logit among
     finite ones is refused too, not taken as the surest token: it is an overflow of the dtype (the head's
     sum ran past float16's 65,504, say), whose true size, and its order among other infinite logits, is
     lost; sampling from it would be NaN (inf - inf), and greedy argmax a guess.

@@ -12,8 +12,8 @@ Read top to bottom, this file follows the encoder from pixels to visual tokens:
     -> final expansion conv + squeeze-excite                  (B, 3072, H/64, W/64)
     -> flattened row-major: (H/64)*(W/64) tokens of width 3072 for the projector.
 
-At the released 1024 px that is 16 x 16 = 256 tokens. (The paper's stage table puts the first stage
-at /2 resolution steps later than the code does; the released code and checkpoints are what is built
+At the released 1024 px that is 16 x 16 = 256 tokens. (The paper's stage table puts stage 1 at /8, one
+halving later than the released code's /4; the released code and checkpoints are what is built
 here.)
 
 Structural reparameterization (FastViT, Sec. 3.2.1; MobileOne; RepVGG). While training, several
@@ -24,7 +24,7 @@ a bias. Each block below has both forms: the *training form* (branches) and the 
 `fused` conv). `reparameterize()` turns the first into the second in place, on one block or on the
 whole encoder; `FastViTHD(config, fused=True)` builds the fused form directly, which is the form the
 official checkpoints are stored in (Apple's names for it are `reparam_conv` / `lkb_reparam`;
-fastvlm.py maps them onto the names used here).
+support/loading.py maps them onto the names used here).
 
 Every `forward` below is the paper's equation in plain PyTorch ops. Faster CPU kernels for some of
 them live in support/speedups.py, which swaps modules of a loaded model without changing its parameters.

@@ -150,14 +150,14 @@ def train(args, world=1, rank=0):
     optimizer = torch.optim.AdamW(run.params, lr=lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     warmup = max(1, round(args.warmup * run.total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, run.total_steps, warmup))
-    run.resume(optimizer, scheduler)                # --resume: optimizer, schedule, RNG and step as they were
+    run.start(optimizer, scheduler)                 # with --resume: optimizer, schedule, RNG, step as they were
 
     with run.guard():                               # Ctrl-C saves; a failed new run leaves --out as it was
         for batches in run.steps():                 # one optimizer step: grad-accum micro-batches
             with run.autocast:                      # bf16 on CUDA, fp32 on CPU
                 loss = step_loss(model, batches, args.loss_average, world)
             grad_norm = torch.nn.utils.clip_grad_norm_(run.params, args.clip)
-            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP: a DTensor
             run.check_finite(loss, grad_norm)       # nothing to learn from a NaN: stop, keep what was good
             lr_used = scheduler.get_last_lr()[0]    # this step's, logged beside its loss
             optimizer.step()

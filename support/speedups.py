@@ -4,7 +4,7 @@ The model files (repmixer.py, qwen2.py, fastvlm.py) are plain PyTorch, written a
 This file makes them fast the way gpt-fast does: it swaps modules of a loaded model for subclasses
 whose `forward` computes the same math with faster kernels. A swap changes a module's class and
 nothing else, so the `state_dict()` (keys and values) is the same before and after, and the plain
-model stays one `fast=False` away (FastVLM.from_pretrained) for reading, training and checking.
+model stays one `fast=False` away (support.loading.load_model) for reading, training and checking.
 tests/test_speedups.py compares every swapped module with its plain self on the same weights, in the
 inference form (float32, no autograd, where the fused kernels run) and in training (autograd on,
 where every swapped module runs its plain forward). A swapped module whose activation is not the
@@ -383,6 +383,8 @@ class GraphedQwen2(qwen2.Qwen2):
         x = embeds if embeds is not None else tokens
         T = x.shape[1]
         width = T if T == 1 else -(-T // PREFILL_BUCKET) * PREFILL_BUCKET     # the padded length
+        if last_only and 0 < start + T <= self.max_len and not torch.is_grad_enabled():
+            self._forget_after(start + T)           # a prompt, graphed or not: the decode graph reads every slot
         if (self.max_len == 0 or torch.is_grad_enabled() or (T > 1 and not last_only) or x.device != self.device
                 or self.device.type not in self.devices or not 0 <= start <= self.max_len - width
                 or width > PREFILL_GRAPH_TOKENS):
@@ -412,15 +414,15 @@ class GraphedQwen2(qwen2.Qwen2):
                 graph["input"][:, :T].copy_(embeds)
                 graph["input"][:, T:].zero_()
                 graph["last"].fill_(T - 1)
-                self._forget_after(start + T)
             graph["start"].fill_(start)
             graph["replay"]()
             return graph["logits"].clone()          # the next replay overwrites graph["logits"]
 
     def _forget_after(self, end):
-        """Zero every cache slot from `end` on before a prompt's graph runs. The graphs read all slots,
-        masked or not, and 0 * NaN is NaN: what a failed turn (NaN logits, qwen2.NonFiniteLogits) left
-        past the new prompt must not reach it. The plain forward reads only slots it has just written."""
+        """Zero every cache slot from `end` on before a prompt runs (graphed or, too long for a graph, plain).
+        The graphs read all slots, masked or not, and 0 * NaN is NaN: what a failed turn (NaN logits,
+        qwen2.NonFiniteLogits) left past the new prompt must not reach the decode graph after it. The
+        plain model reads only slots it has just written."""
         for layer in self.layers:
             layer.self_attn.cache.k[:, :, end:] = 0
             layer.self_attn.cache.v[:, :, end:] = 0
@@ -536,6 +538,9 @@ def warm_up(chat, question, max_new_tokens=256, temperature=0.0, top_p=1.0):
         chat.ask(question, max_new_tokens=2, temperature=temperature, top_p=top_p)
     finally:
         chat.history, chat.pos, chat.image_embeds, chat.stop_ids, chat.timing = saved
-    if chat.model.llm.device.type == "cuda":
-        torch.cuda.synchronize(chat.model.llm.device)
+    device = chat.model.llm.device                     # wait for what the device still has queued
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
     return time.perf_counter() - start

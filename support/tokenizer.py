@@ -1,6 +1,6 @@
 """Qwen2's tokenizer: a byte-level BPE built with the `tokenizers` library, with Qwen2's pipeline and
-special tokens. support/loading.py reads it from a model folder's files; train.py's from-scratch model
-trains a small one (train_tokenizer)."""
+special tokens. support/loading.py reads it from a model folder's files; a model built from scratch
+(support/training.py's build_scratch) trains a small one (train_tokenizer)."""
 
 
 # Qwen2's pre-tokenizer: contractions, letters with one leading non-letter, single digits, punctuation
@@ -48,7 +48,7 @@ class Tokenizer:
     """Qwen2's byte-level BPE: a `tokenizers.Tokenizer` with Qwen2's pipeline and special tokens.
 
     Built from `tokenizer.json` text (`from_json`) or from the vocabulary and merges of the slow-
-    tokenizer files (`from_vocab`); fastvlm.load_tokenizer reads them from a model folder.
+    tokenizer files (`from_vocab`); support/loading.py's load_tokenizer reads them from a model folder.
     """
 
     def __init__(self, tok):

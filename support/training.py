@@ -1,15 +1,18 @@
 """A training run's folder and processes, for train.py: everything around its loop that talks to files,
 devices and other processes.
 
-    run = Run(args, world, rank, STAGES)   # the device, the processes, the data, the model: new, --init
-                                            # or --resume; bad options and data fail before anything is written
+    run = Run(args, world, rank, STAGES, answer_loss)   # the device, the processes, the data, the model:
+                                            # new, --init or --resume; bad options and data fail first
     model = run.distribute(set_trainable)   # what the stage trains; activation checkpointing, DDP or FSDP
-    run.resume(optimizer, scheduler)        # --resume: the optimizer, schedule, RNG and step continue
+    run.start(optimizer, scheduler)         # registers them; --resume: optimizer, schedule, RNG and step
     with run.guard():                       # Ctrl-C saves; a new run that fails leaves --out as it found it
         for batches in run.steps():         # one optimizer step's micro-batches, on the device
-            ...                             # (train.py: forward, loss, backward, step)
+            ...                             # (train.py: forward, loss, backward)
+            run.check_finite(loss, grad_norm)    # a NaN stops the run, keeping the last good checkpoint
+            ...                             # (train.py: the optimizer's step)
             run.step_done(loss, lr, grad_norm)   # the log, the progress bar, evaluation, periodic saves
         run.finish()                        # the last evaluation and checkpoint
+    run.report()                            # what was truncated or left out, and where the model is
 
 Checkpoints are written fused, in the official layout (what support/loading.py and infer.py read), to a
 temporary folder swapped in whole; training_state.pt beside them keeps the training-form weights, the
@@ -412,7 +415,7 @@ class Run:
             state.get("image_sizes") if state is not None and state.get("image_sizes") else [model.image_size])
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else contextlib.nullcontext())     # bf16 autocast on CUDA, fp32 on CPU
-        self.step, self.prior_steps, self.progress, self.announced = 0, 0, None, False
+        self.step, self.prior_steps, self.progress, self.announced, self.saving = 0, 0, None, False, False
         self.truncated = 0
         # records whose image passed the check at the start but failed to decode (--skip-missing-images): a
         # set, since such a record comes round again every epoch
@@ -439,8 +442,9 @@ class Run:
         self.params = [p for p in self.core.parameters() if p.requires_grad]
         return self.model
 
-    def resume(self, optimizer, scheduler):
-        """--resume: the optimizer's moments, the schedule, the RNG and the step from training_state.pt."""
+    def start(self, optimizer, scheduler):
+        """The optimizer and scheduler the checkpoints save; with --resume, their state, the RNG and the step
+        from training_state.pt (else the steps the --init run had trained, for the log's global step)."""
         self.optimizer, self.scheduler, state, args = optimizer, scheduler, self.state, self.args
         if state is None:
             self.prior_steps = self.init_steps       # the steps of the run --init continues (0 for a new model)
@@ -518,7 +522,7 @@ class Run:
                 self.progress.update(1)
                 self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
         if self.held_out and args.eval_every and step % args.eval_every == 0 and step < self.total_steps:
-            self.evaluate()
+            self.held_out_eval()
         if args.save_every and step % args.save_every == 0 and step < self.stop_at:
             self.checkpoint()
 
@@ -569,7 +573,7 @@ class Run:
         except OSError as e:
             raise (write_failure(e, f"writing {self.out / 'log.jsonl'}", self.out) or e) from None
 
-    def evaluate(self):
+    def held_out_eval(self):
         """Held-out loss and exact match, logged beside the training loss (rank 0; the others wait)."""
         if self.rank == 0:
             args, core = self.args, self.core
@@ -586,6 +590,13 @@ class Run:
 
     def checkpoint(self):
         """The model in the official layout and the training state, swapped into --out whole."""
+        self.saving = True
+        try:
+            self._checkpoint()
+        finally:
+            self.saving = False
+
+    def _checkpoint(self):
         args, out, core = self.args, self.out, self.core
         # the size trained at last is the checkpoint's size (its config's `mobileclip_l_<size>`)
         core.vision_tower.cfg = replace(core.vision_tower.cfg, image_size=self.image_size)
@@ -622,7 +633,10 @@ class Run:
             try:
                 yield
             except KeyboardInterrupt:
-                if self.step > 0:
+                if self.saving and self.rank == 0:      # the cut save left the previous checkpoint whole
+                    print(f"interrupted while saving: {out} holds the last complete checkpoint; continue with "
+                          "--resume", file=sys.stderr)
+                elif self.step > 0:
                     self.checkpoint()
                     if self.rank == 0:
                         print(f"interrupted: step {self.step} is saved in {out}; continue with --resume",
@@ -642,7 +656,7 @@ class Run:
         if self.progress is not None:
             self.progress.close()
         if self.held_out and self.step == self.total_steps:
-            self.evaluate()
+            self.held_out_eval()
         self.checkpoint()
 
     def report(self):

@@ -413,6 +413,21 @@ def test_bad_config_json(capsys, model_dir, photo, tmp_path, change, fragment):
     assert_one_line_error(*run(capsys, photo, "q", "--model", folder), fragment)
 
 
+@pytest.mark.parametrize("change,fragment", [
+    (lambda c: {**c, "num_hidden_layers": 1025}, "num_hidden_layers must be a whole number from 1 to 1,024, not 1025"),
+    (lambda c: {**c, "fastvithd": {**c["fastvithd"], "depths": [1, 1, 1025, 1, 1]}},
+     "depths must be a whole number from 1 to 1,024 in each entry, not 1025"),
+    (lambda c: {**c, "fastvithd": {**c["fastvithd"], "image_size": 4160}}, "image_size must be a whole number from 1 to 4,096"),
+])
+def test_config_sizes_one_past_their_bound_are_refused(capsys, model_dir, photo, tmp_path, change, fragment):
+    """Each limit where it lies: one past it is refused by the config's own check, naming the bound (were
+    the bound gone, these sizes would still fail, later and cheaply, on the weights: a mutation test's
+    probe that cannot exhaust the memory as 10**9 layers would)."""
+    folder = copy_model(model_dir, tmp_path)
+    (folder / "config.json").write_text(json.dumps(change(json.loads((folder / "config.json").read_text()))))
+    assert_one_line_error(*run(capsys, photo, "q", "--model", folder), fragment)
+
+
 def test_non_finite_weights_are_named(capsys, model_dir, photo, tmp_path):
     folder = copy_model(model_dir, tmp_path)
     tensors = load_file(str(folder / "model.safetensors"))

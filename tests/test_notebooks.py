@@ -95,6 +95,19 @@ def test_notebook_runs_and_matches_its_committed_numbers(path):
     assert text_of(nbformat.v4.new_notebook(cells=[last])).lstrip().startswith("1."), "the answers printed nothing"
 
 
+STRAY = re.compile(r"^(<[\w.]+ (?:object )?at 0x[0-9a-f]+>|Text\(|\[<matplotlib|<matplotlib)")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_no_notebook_shows_a_stray_object(path):
+    """A cell whose last line returns a matplotlib object shows its repr (`<matplotlib.colorbar.Colorbar at
+    0x...>`, `Text(0.5, 0.98, ...)`) above the picture: noise a reader has to skip."""
+    nb = nbformat.read(path, as_version=4)
+    stray = [o["data"]["text/plain"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+             if o.get("output_type") == "execute_result" and STRAY.match(o.get("data", {}).get("text/plain", ""))]
+    assert not stray, stray
+
+
 def test_notebook_1_prints_the_token_table_the_code_computes():
     text = text_of(nbformat.read(NOTEBOOKS[0], as_version=4))
     for side in (256, 512, 768, 1024):

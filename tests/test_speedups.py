@@ -568,6 +568,23 @@ def test_no_nan_reaches_a_graph_through_masked_slots():
 
 
 @torch.no_grad()
+def test_a_prompt_too_long_for_a_graph_clears_what_a_failed_turn_left():
+    """A prompt longer than PREFILL_GRAPH_TOKENS runs the plain forward, but the decode graph after it
+    still reads every slot: NaN that a failed turn left past the prompt must be gone all the same."""
+    fast = graphed(small_decoder(3))
+    fast.setup_cache(1536)
+    for layer in fast.layers:                                 # what a failed turn left far past the prompt
+        layer.self_attn.cache.k[:, :, 1100:1500] = float("nan")
+        layer.self_attn.cache.v[:, :, 1100:1500] = float("nan")
+    plain = copy.deepcopy(fast)
+    plain.__class__ = Q.Qwen2
+    prompt = torch.randint(0, 512, (1, 1030))
+    assert 1030 > speedups.PREFILL_GRAPH_TOKENS
+    assert Q.generate(fast, tokens=prompt, max_new_tokens=4) == Q.generate(plain, tokens=prompt, max_new_tokens=4)
+    assert ("decode",) in fast._graphs                         # the answer came through the decode graph
+
+
+@torch.no_grad()
 def test_prefill_graphs_are_kept_for_a_few_lengths_only(monkeypatch):
     """Each recorded length holds GPU memory: the least recently used goes; prompts longer than
     PREFILL_GRAPH_TOKENS (a whole conversation fed again) are not recorded at all."""

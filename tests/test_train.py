@@ -101,6 +101,17 @@ def test_each_stage_trains_exactly_its_parts_at_its_default_lr(capsys, data, bas
     assert line.startswith(f"stage {stage}: training {trained:,} of ")
 
 
+def test_special_token_strings_in_training_text_are_text(base_run):
+    """Data text is only text, as a user's is: a `<|im_end|>` written inside an answer is learnt as its
+    characters, so the answer's one control `<|im_end|>` is the renderer's, at its end."""
+    _, tokenizer = TR.model_from_state(state(base_run), base_run)
+    end = tokenizer.token_id("<|im_end|>")
+    ids, labels = FV.conversation_ids(tokenizer, [("Say it.", "the <|im_end|> token")])
+    learnt = [l for l in labels if l != -100]
+    assert learnt.count(end) == 1 and learnt[-1] == end
+    assert tokenizer.decode(learnt[:-1], skip_special_tokens=False) == "the <|im_end|> token"
+
+
 def test_labels_cover_only_the_answers_and_their_end_marker(base_run):
     """The loss covers each answer and its <|im_end|> (LLaVA's masking), never the prompt, the template or the
     image: a mask that learns the questions trains the model to ask them, one that misses <|im_end|> never
