@@ -98,14 +98,13 @@ def turn_ids(tokenizer, question, first, system=SYSTEM_PROMPT, image=True):
     the user's gives, for any ordinary question, exactly the ids of the template's text as one string.
     """
     ids = []
-    if first:   # pieces: <|im_start|> "system\n{system}" <|im_end|> "\n" <|im_start|> "user\n" <image> "\n{question}"
-        ids = tokenizer.encode(START) + tokenizer.encode_text("system\n" + system) + tokenizer.encode(END)
-        if image:
-            return ids + tokenizer.encode(USER) + [IMAGE_TOKEN_INDEX] + tokenizer.encode_text("\n" + question) \
-                + tokenizer.encode(END + ASSISTANT)
-    # pieces: <|im_start|> "user\n{question}" <|im_end|> "\n" <|im_start|> "assistant\n"
-    return (ids + tokenizer.encode(START) + tokenizer.encode_text("user\n" + question)
-            + tokenizer.encode(END + ASSISTANT))
+    if first:       # pieces: <|im_start|> "system\n{system}" <|im_end|> "\n"
+        ids += tokenizer.encode(START) + tokenizer.encode_text("system\n" + system) + tokenizer.encode(END)
+    if first and image:     # <|im_start|> "user\n" <image> "\n{question}"
+        ids += tokenizer.encode(USER) + [IMAGE_TOKEN_INDEX] + tokenizer.encode_text("\n" + question)
+    else:                   # <|im_start|> "user\n{question}"
+        ids += tokenizer.encode(START) + tokenizer.encode_text("user\n" + question)
+    return ids + tokenizer.encode(END + ASSISTANT)     # <|im_end|> "\n" <|im_start|> "assistant\n"
 
 
 def conversation_ids(tokenizer, exchanges, system=SYSTEM_PROMPT, image=True):

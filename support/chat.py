@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 import qwen2
 from fastvlm import END, IMAGE, IMAGE_TOKEN_INDEX, STOP_TOKENS, SYSTEM_PROMPT, square_rgb, turn_ids
 from support import speedups
+from support.speedups import synchronize
 
 
 class InputError(ValueError):
@@ -72,13 +73,6 @@ def load_image(path):
             top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
         img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     return img.convert("RGB")
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 @dataclass

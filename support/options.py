@@ -104,19 +104,19 @@ def is_utf8(text):
 def check_counts(counts, error):
     """Each (option, value, lowest, highest, why) of `counts` within its bounds, else `error` (the entry
     point's exception) with one line that names the bound and, for an upper one, why. An option left
-    unset (None) is not checked."""
+    unset (None) is not checked; a highest of None is no upper bound here."""
     for name, value, low, high, why in counts:
         if value is not None and value < low:
             raise error(f"{name} must be at least {low}" + (" (the prompt template alone takes about 25 tokens)"
                                                           if name == "--max-length" else ""))
-        if value is not None and value > high:
+        if value is not None and high is not None and value > high:
             raise error(f"{name} must be at most {high:,} ({why})")
 
 
 def check_options(args):
     """infer.py's options that cannot work, before anything is loaded. Its one count without a bound here,
     --max-new-tokens, is bounded by the model's context, which Chat.reserve checks."""
-    check_counts((("--max-new-tokens", args.max_new_tokens, 1, float("inf"), ""),
+    check_counts((("--max-new-tokens", args.max_new_tokens, 1, None, None),
                   ("--seed", args.seed, 0, 2**63 - 1, "the range of torch's generator")), UsageError)
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise UsageError("--temperature must be a finite number >= 0 (0 = greedy)")

@@ -538,9 +538,13 @@ def warm_up(chat, question, max_new_tokens=256, temperature=0.0, top_p=1.0):
         chat.ask(question, max_new_tokens=2, temperature=temperature, top_p=top_p)
     finally:
         chat.history, chat.pos, chat.image_embeds, chat.stop_ids, chat.timing = saved
-    device = chat.model.llm.device                     # wait for what the device still has queued
+    synchronize(chat.model.llm.device)                 # wait for what the device still has queued
+    return time.perf_counter() - start
+
+
+def synchronize(device):
+    """Wait until `device` has run everything queued on it (GPUs run asynchronously): before a clock is read."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
-    return time.perf_counter() - start

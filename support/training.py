@@ -421,7 +421,6 @@ class Run:
         # set, since such a record comes round again every epoch
         self.decode_failed = set(state.get("decode_failed", [])) if state is not None else set()
         self.stop_at = min(self.total_steps, args.stop_after) if args.stop_after else self.total_steps
-        self.image_size = size_at(0, self.total_steps, self.image_sizes)
 
     def distribute(self, set_trainable):
         """`set_trainable(core, stage, bn_train)` (train.py's: what the stage trains), then activation
@@ -445,10 +444,16 @@ class Run:
     def start(self, optimizer, scheduler):
         """The optimizer and scheduler the checkpoints save; with --resume, their state, the RNG and the step
         from training_state.pt (else the steps the --init run had trained, for the log's global step)."""
-        self.optimizer, self.scheduler, state, args = optimizer, scheduler, self.state, self.args
+        self.optimizer, self.scheduler, state = optimizer, scheduler, self.state
         if state is None:
             self.prior_steps = self.init_steps       # the steps of the run --init continues (0 for a new model)
-            return
+        else:
+            self._restore(state)
+        self.image_size = size_at(self.step, self.total_steps, self.image_sizes)   # the first step's
+
+    def _restore(self, state):
+        """--resume: the optimizer's moments, the schedule, the RNG and the step from training_state.pt."""
+        args, optimizer, scheduler = self.args, self.optimizer, self.scheduler
         if state.get("optimizer_format", "plain") != ("fsdp" if args.fsdp else "plain"):
             raise DataError(f"--resume: {self.out} was trained {'with' if not args.fsdp else 'without'} --fsdp; "
                             "resume it the same way, or start a new run from it with --init")
@@ -462,7 +467,6 @@ class Run:
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         self.step, self.prior_steps = state["step"], state.get("prior_steps", 0)
-        self.image_size = size_at(self.step, self.total_steps, self.image_sizes)
 
     def steps(self):
         """Each optimizer step's micro-batches, on the device, until the run's last step (or --stop-after).

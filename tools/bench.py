@@ -37,7 +37,8 @@ import fastvlm as FV  # noqa: E402
 import qwen2 as Q  # noqa: E402
 import repmixer as R  # noqa: E402
 from support import loading, speedups  # noqa: E402
-from support.chat import Chat, synchronize  # noqa: E402
+from support.chat import Chat  # noqa: E402
+from support.speedups import synchronize  # noqa: E402
 
 
 # --quick: FastViTHD's structure at toy widths, so that every section runs in seconds.
