@@ -46,8 +46,10 @@ def single(args):
         try:
             if args.json:
                 text = chat.ask(question, **options)
-                print(json.dumps(batch.answer_record(None, args.image, question, text, chat), ensure_ascii=False),
-                      flush=True)
+                record = batch.answer_record(None, args.image, question, text, chat)
+                if getattr(model, "precision", None) is not None:    # which dtype ran, and why
+                    record["precision"] = model.precision.record()
+                print(json.dumps(record, ensure_ascii=False), flush=True)
             else:
                 streamer = Streamer(tokenizer)
                 streamer.finish(chat.ask(question, on_token=streamer, **options))

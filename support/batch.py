@@ -407,4 +407,6 @@ def answer_groups(args, todo, fd):
               "to ask one again, delete its line from the answers and rerun", file=sys.stderr)
     if args.timing:
         print(memory_line(device), file=sys.stderr)
+        if getattr(model, "precision", None) is not None:       # set by support/options.load: dtype and why
+            print(model.precision.line(), file=sys.stderr)
     return 0

@@ -35,7 +35,8 @@ VISION_PREFIX = "model.vision_tower.vision_tower.model."   # Apple's MobileCLIP 
 PROJECTOR_PREFIX = "model.mm_projector."
 
 
-def load_model(name, device="cpu", dtype=torch.float32, fold_batchnorm=True, fast=True, progress=False):
+def load_model(name, device="cpu", dtype=torch.float32, fold_batchnorm=True, fast=True, progress=False,
+               quantize=None):
     """(model, tokenizer, config dict) from a FastVLM folder in any supported layout, or a Hugging Face
     repo id (`apple/FastVLM-0.5B`) found in the local cache (see resolve_model); `progress` shows a bar
     while the tensors load.
@@ -44,7 +45,10 @@ def load_model(name, device="cpu", dtype=torch.float32, fold_batchnorm=True, fas
     For inference the BatchNorm is folded too, then speedups.apply() swaps in the faster kernels
     (unless `fast=False`); train.py keeps the stored form and the plain modules (`fold_batchnorm=False`,
     which also leaves out the speed step: a model to train stays plain, whatever `fast` says).
+    `quantize="int8"` gives the decoder int8 weights in that step (speedups.quantize_int8).
     """
+    if quantize is not None and not (fast and fold_batchnorm):
+        raise ValueError("quantize is part of the speed step: it needs fast=True and fold_batchnorm=True")
     folder = resolve_model(name)
     layout, vision_cfg, llm_cfg, config = model_config(folder)
     tokenizer = load_tokenizer(folder)
@@ -95,7 +99,7 @@ def load_model(name, device="cpu", dtype=torch.float32, fold_batchnorm=True, fas
     if fold_batchnorm:
         model.vision_tower.reparameterize()             # the ConvFFN BatchNorms fold into their convs
         if fast:
-            speedups.apply(model)
+            speedups.apply(model, quantize)
     return model, tokenizer, config
 
 

@@ -5,8 +5,9 @@ bound and why (infer.py raises UsageError, train.py DataError; both print it and
 import argparse
 import math
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
-
 
 
 class DataError(ValueError):
@@ -52,8 +53,13 @@ def infer_parser(description):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where to run; auto = cuda, else mps, else cpu (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="the weights' and activations' type; auto = bfloat16 on cuda, float16 on mps, float32 "
-                        "on cpu; float16 is refused on cpu (default: %(default)s)")
+                   help="the weights' and activations' type; auto = bfloat16 on cuda, float16 on mps, and on cpu "
+                        "bfloat16 where the CPU has bf16 matmul units (AVX512-BF16, AMX, Arm BF16), else float32; "
+                        "float32 gives the reference answers; float16 is refused on cpu (default: %(default)s)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="int8: the decoder's weights in int8 with a scale per output row, a quarter of float32's "
+                        "bytes, for faster decoding on a CPU (answers differ slightly: docs/performance.md) "
+                        "(default: %(default)s)")
     p.add_argument("--timing", action="store_true",
                    help="print the TTFT breakdown, decode speed and peak memory on stderr (default: off)")
     p.add_argument("--plain", action="store_true",
@@ -83,14 +89,21 @@ def pick_device(name):
 
 
 def pick_dtype(name, device):
+    """(the torch dtype to run in, why it was chosen, in words) for --dtype `name` on `device`."""
     import torch
 
+    from support.speedups import bf16_units
+
     if name == "auto":
-        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
+        if device.type == "cpu":
+            units, why = bf16_units()
+            return (torch.bfloat16 if units else torch.float32), f"--dtype auto: {why}"
+        gpu = {"cuda": torch.bfloat16, "mps": torch.float16}[device.type]
+        return gpu, f"--dtype auto: {str(gpu).removeprefix('torch.')} on {device.type}"
     if name == "float16" and device.type == "cpu":
         raise UsageError("float16 is refused on CPU (slow and poorly supported there); "
                          "use --dtype float32 or bfloat16")
-    return getattr(torch, name)
+    return getattr(torch, name), f"--dtype {name}"
 
 
 def is_utf8(text):
@@ -122,6 +135,8 @@ def check_options(args):
         raise UsageError("--temperature must be a finite number >= 0 (0 = greedy)")
     if not 0 < args.top_p <= 1:
         raise UsageError("--top-p must be in (0, 1]")
+    if args.quantize != "none" and args.plain:
+        raise UsageError("--quantize is part of the speed step that --plain leaves out; drop one of them")
     if args.batch is not None:
         if args.image is not None:
             raise UsageError("--batch takes the images and questions from its file; drop the IMAGE argument")
@@ -150,14 +165,49 @@ def load(args):
     from support.loading import load_model
 
     device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+    dtype, why = pick_dtype(args.dtype, device)
+    quantize = None if args.quantize == "none" else args.quantize
+    if quantize is not None and device.type != "cpu":
+        raise UsageError(f"--quantize {quantize} runs on the CPU only (torch's int8 kernel); on {device.type} "
+                         "use --dtype bfloat16, or --device cpu")
     if args.model is None and not DEFAULT_MODEL.is_dir():
         raise UsageError(f"the embedded default model ({DEFAULT_MODEL}) is not in this checkout yet; "
                          "pass --model FOLDER with an official FastVLM checkpoint (see README)")
     torch.set_grad_enabled(False)
+    start = time.perf_counter()
     model, tokenizer, config = load_model(DEFAULT_MODEL if args.model is None else args.model, device=device,
-                                          dtype=dtype, fast=not args.plain, progress=True)
+                                          dtype=dtype, fast=not args.plain, progress=True, quantize=quantize)
+    model.precision = Precision(str(dtype).removeprefix("torch."), why, quantize, weight_bytes(model),
+                                time.perf_counter() - start)
     return model, tokenizer, config, device
+
+
+@dataclass
+class Precision:
+    """How a loaded model runs, for --timing and --json: its dtype and why, its weights' format and bytes,
+    and the seconds its loading took (reading, converting, quantizing)."""
+    dtype: str
+    why: str
+    quantize: str = None
+    weight_bytes: int = 0
+    load_seconds: float = 0.0
+
+    def line(self):
+        weights = f"int8 decoder weights, the rest in {self.dtype}" if self.quantize else self.dtype
+        from support.loading import size_text
+
+        return (f"ran in {self.dtype} ({self.why}); weights: {size_text(self.weight_bytes)} ({weights}), "
+                f"loaded in {self.load_seconds:.1f} s")
+
+    def record(self):
+        return {"dtype": self.dtype, "dtype_why": self.why, "quantize": self.quantize,
+                "weight_mib": round(self.weight_bytes / 2**20, 1), "load_s": round(self.load_seconds, 2)}
+
+
+def weight_bytes(model):
+    """The bytes of a model's weights as they are held: every stored tensor once (a tied head is one)."""
+    unique = {t.data_ptr(): t for t in model.state_dict().values() if t.numel()}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 # ----------------------------------------------------------------------------------------------------

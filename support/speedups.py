@@ -30,9 +30,22 @@ What is swapped, and why (measured numbers: docs/performance.md):
 
 torch exposes oneDNN's fused kernels as `torch.ops.mkldnn._convolution_pointwise` and
 `_linear_pointwise`, the ops torch.compile's CPU backend emits. They are private and have no
-autograd, so they run only when every condition of `fast_path()` holds: CPU tensors in float32, no
-gradient being recorded, a build that has them, and `enabled` left True. Otherwise each helper runs
-the plain expression written beside it.
+autograd, so they run only when every condition of `fast_path()` holds: CPU tensors all in float32 or
+all in bfloat16, no gradient being recorded, a build that has them, and `enabled` left True. Otherwise
+each helper runs the plain expression written beside it. In bfloat16 oneDNN multiplies on the CPU's
+bf16 units (AVX512-BF16, AMX) and accumulates in float32; `bf16_units()` tells whether a CPU has
+them, and `--dtype auto` (support/options.py) runs in bfloat16 only where it does: elsewhere bf16 is
+converted to float32 and back around every product, slower than float32 itself.
+
+Decoding one token reads every weight of the language model once, so on a CPU its speed follows the
+bytes of the weights (docs/performance.md measures it against a read-bandwidth probe):
+
+7. `quantize_int8(model)` replaces the decoder's linear layers, and a copy of the tied output head, by
+   `Int8Linear`: int8 weights with one scale per output row, a quarter of float32's bytes and half of
+   bfloat16's, multiplied by torch's CPU kernel for weight-only int8 (`aten._weight_int8pack_mm`,
+   gpt-fast's `WeightOnlyInt8Linear`). Unlike the swaps above it changes the weights: it is applied
+   only when asked for (`--quantize int8`), and its answers differ from float32's (docs/performance.md
+   publishes by how much).
 
 On a CUDA GPU the arithmetic is already in cuBLAS and cuDNN; what costs is Python. One decode step of
 the 0.5B decoder dispatches about 1,700 aten operations (views included; counted with a dispatch mode)
@@ -126,10 +139,38 @@ def _count_cpu_attention():
         return flops
 
 
+FAST_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def fast_path(*tensors):
-    """True when oneDNN's fused kernels may replace the plain ops for these tensors."""
-    return (enabled and HAVE_FUSED_OPS and not torch.is_grad_enabled()
-            and all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors))
+    """True when oneDNN's fused kernels may replace the plain ops for these tensors: on the CPU, all in
+    float32 or all in bfloat16 (the kernels take one dtype)."""
+    given = [t for t in tensors if t is not None]
+    return (enabled and HAVE_FUSED_OPS and not torch.is_grad_enabled() and bool(given)
+            and given[0].dtype in FAST_DTYPES
+            and all(t.device.type == "cpu" and t.dtype == given[0].dtype for t in given))
+
+
+def bf16_units(cpuinfo="/proc/cpuinfo"):
+    """(whether this CPU multiplies bfloat16 in hardware, the reason in words), from the flags the
+    kernel reports: x86's avx512_bf16 or amx_bf16, Arm's bf16. Where the flags cannot be read (not
+    Linux), no: bfloat16 is then asked for by name (--dtype bfloat16), not assumed."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            flags = set()
+            for line in f:
+                if line.split(":")[0].strip() in ("flags", "Features"):
+                    flags.update(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        return False, f"{cpuinfo} cannot be read, so the CPU's bf16 units are unknown"
+    found = [name for name in BF16_FLAGS if name in flags]
+    if found:
+        return True, f"the CPU has bf16 matmul units ({', '.join(found)})"
+    return False, f"the CPU has no bf16 matmul units (none of {', '.join(BF16_FLAGS)} in {cpuinfo})"
+
+
+BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")     # /proc/cpuinfo names: x86 AMX, x86 AVX-512, Arm
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -205,13 +246,18 @@ def convffn_residual(ffn, x, scale):
 # The swapped modules: each a subclass of a plain one, with the same parameters.
 # ----------------------------------------------------------------------------------------------------
 
+def linear(x, weight, bias=None):
+    """F.linear(x, weight, bias) on oneDNN's matmul (3. above).                     (..., in) -> (..., out)"""
+    if fast_path(x, weight, bias) and x.is_contiguous():
+        return _OPS._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 class FastLinear(nn.Linear):
     """nn.Linear whose CPU inference runs oneDNN's matmul (3.)."""
 
     def forward(self, x):                                       # (..., in) -> (..., out)
-        if fast_path(x, self.weight, self.bias) and x.is_contiguous():
-            return _OPS._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return super().forward(x)
+        return linear(x, self.weight, self.bias)
 
 
 class FastMobileOneBlock(repmixer.MobileOneBlock):
@@ -262,6 +308,73 @@ CPU_SWAPS = {
     repmixer.AttentionBlock: FastAttentionBlock,
     repmixer.FastViTHD: ChannelsLastFastViTHD,
 }
+
+
+# ----------------------------------------------------------------------------------------------------
+# int8 weights for decoding (7.)
+# ----------------------------------------------------------------------------------------------------
+
+_INT8_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+
+# Up to this many rows (tokens) the int8 kernel multiplies directly: a decode step has one. A prompt
+# has hundreds, where the kernel (which converts the weights tile by tile for every row block) ran at
+# about half of a bfloat16 matmul: there the weight is converted to bfloat16 once and multiplied by
+# oneDNN (measured on a 2-core AMD EPYC, 2026-12-04: equal at 16 rows, 19 vs 10 ms at 300).
+INT8_MM_ROWS = 16
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights and one float scale per output row (weight-only quantization):
+
+        W[o, i] ~ scales[o] * q[o, i],  q in [-127, 127],  scales[o] = max_i |W[o, i]| / 127
+        y = x W^T + b = (x q^T) * scales + b                              (..., in) -> (..., out)
+
+    Symmetric (no zero point): a row's largest weight is exact, every other is off by at most half a
+    step, scales[o] / 2. The scale is rounded to bfloat16 first and q computed against the rounded
+    scale, so that rounding costs nothing more. The product runs in bfloat16 with float32 accumulation
+    (the kernel's only fast form on the CPU: with float32 activations it measured 30x slower) and the
+    result is cast back to the dtype of x; the bias stays in that dtype too.
+    """
+
+    def __init__(self, weight, bias=None):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", torch.empty(weight.shape, dtype=torch.int8, device=weight.device))
+        self.register_buffer("scales", torch.empty(weight.shape[0], dtype=torch.bfloat16, device=weight.device))
+        for rows in torch.arange(weight.shape[0]).split(8192):       # in slices: the head has 151,936 rows
+            w = weight[rows[0]:rows[-1] + 1].detach().float()         # (rows, in)
+            scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-30).to(torch.bfloat16)
+            q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127)
+            self.weight[rows[0]:rows[-1] + 1] = q.to(torch.int8)
+            self.scales[rows[0]:rows[-1] + 1] = scale
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x):                                              # (..., in) -> (..., out)
+        h = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()     # (rows, in)
+        if _INT8_MM is not None and h.device.type == "cpu" and h.shape[0] <= INT8_MM_ROWS:
+            y = _INT8_MM(h, self.weight, self.scales)                  # (rows, out), bfloat16
+        else:                                                          # x (s * q)^T = (x q^T) * s
+            y = linear(h, self.weight.to(torch.bfloat16)) * self.scales
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
+
+
+def quantize_int8(model):
+    """Every nn.Linear of every Qwen2 decoder in `model` (attention, MLP and output head) -> Int8Linear,
+    in place; returns the model. The embedding table stays in the run's dtype (a lookup reads one row
+    per token). A head tied to it gets its own int8 copy: the head reads all of it for every token,
+    the embedding one row. The projector and the vision encoder stay as they are: they run once per
+    image, bound by compute, not by reading weights."""
+    for llm in [m for m in model.modules() if isinstance(m, qwen2.Qwen2)]:
+        for parent in list(llm.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Int8Linear(child.weight, child.bias))
+                    del child                                          # its float weight can go now
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -469,8 +582,9 @@ class GraphedQwen2(qwen2.Qwen2):
 CUDA_SWAPS = {qwen2.Qwen2: GraphedQwen2}
 
 
-def apply(model):
-    """Every speed-up for where `model` runs, applied in place; parameters and buffers are untouched.
+def apply(model, quantize=None):
+    """Every speed-up for where `model` runs, applied in place; parameters and buffers are untouched,
+    unless `quantize="int8"` asks for the decoder's int8 weights (7., quantize_int8: CPU only).
 
     On CPU: the swaps of CPU_SWAPS, and every FastViTHD's weights stored channels-last. The fused
     kernels run only for float32 without autograd (fast_path); elsewhere the swapped modules compute
@@ -479,6 +593,12 @@ def apply(model):
     (Apple's MPS) nothing is swapped.
     """
     first = next(model.parameters(), None)
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
+    if quantize == "int8":
+        if first is not None and first.device.type != "cpu":
+            raise ValueError(f"int8 weights run on the CPU only (torch's int8 kernel), not on {first.device.type}")
+        quantize_int8(model)
     swaps = {"cpu": CPU_SWAPS, "cuda": CUDA_SWAPS}.get(None if first is None else first.device.type, {})
     for module in model.modules():
         fast = swaps.get(type(module))

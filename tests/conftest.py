@@ -6,6 +6,10 @@
   `pytest.mark.inference`, and the mode is restored afterwards whatever the test did.
 * `small_model_dir`: one small FastVLM folder in Apple's layout for the command-line tests (a tiny
   FastViTHD at 128 px, a 2-layer Qwen2 with the real vocabulary and tokenizer), written once a session.
+* `--dtype auto` runs in bfloat16 on a CPU with bf16 units and in float32 on one without, and CI's CPU
+  changes between runs. The command-line tests compare answers with the Python API's float32 ones, so
+  they see a CPU without bf16 units (speedups.bf16_units answers no) unless a test says otherwise:
+  tests/test_precision.py checks auto's choice both ways, and bfloat16 answers by name.
 * Hypothesis draws new examples on every run by default, so whether a bug is caught could depend on
   the draw. Under CI (the `CI` environment variable, which `.ci/run` gets) the `ci` profile derandomizes
   the draws: the same examples every run. Locally the `dev` profile explores new ones; choose either
@@ -40,6 +44,13 @@ def pytest_runtest_call(item):
         return (yield)
     finally:
         torch.set_grad_enabled(before)
+
+
+@pytest.fixture(autouse=True)
+def cpu_without_bf16_units(monkeypatch):
+    from support import speedups
+
+    monkeypatch.setattr(speedups, "bf16_units", lambda cpuinfo=None: (False, "a CPU without bf16 units (the tests' own)"))
 
 
 def pytest_report_header(config):

@@ -183,7 +183,9 @@ def test_json_for_one_question(capsys, model_dir, images):
     out = single_answer(capsys, images / "img0.png", "What is it?", model_dir, "--json")
     record = json.loads(out)
     assert record["answer"] == expected and record["question"] == "What is it?" and record["error"] is None
-    assert set(record) == {"id", "image", "question", "answer", "ttft_ms", "tokens", "error"}
+    assert set(record) == {"id", "image", "question", "answer", "ttft_ms", "tokens", "error", "precision"}
+    assert record["precision"]["dtype"] == "float32" and record["precision"]["quantize"] is None
+    assert record["precision"]["dtype_why"].startswith("--dtype auto: ") and record["precision"]["weight_mib"] > 0
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -294,8 +296,10 @@ def test_timing_adds_its_lines_on_stderr_only(fast_load, model_dir, images, caps
     assert runs["single", False][1] == runs["batch", False][1] == []
     lines = runs["single", True][1]
     assert lines[0].startswith("time to first token: ") and lines[1].startswith("  preprocess ")
-    assert lines[-1].startswith("peak process memory: ") and len(lines) <= 4       # and the decode rate
+    assert lines[-2].startswith("peak process memory: ") and len(lines) <= 5       # and the decode rate
+    assert lines[-1].startswith("ran in float32 (--dtype auto: ") and " MiB (float32), loaded in " in lines[-1]
     assert len(runs["batch", True][1]) == 1 and runs["batch", True][1][0].startswith("peak process memory: ")
+    # (the precision line of a batch: tests/test_precision.py, with the real loader)
 
 
 @pytest.mark.parametrize("own", [False, True], ids=["run's limit", "each line's own"])
