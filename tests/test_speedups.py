@@ -258,12 +258,13 @@ def test_a_block_whose_activation_is_not_the_exact_gelu_runs_its_plain_forward()
         assert_close(plain(x), fast(x), alive=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_the_fused_kernels_run_in_float32_only(dtype):
-    """oneDNN's fused ops are for float32 here: float64 they refuse, and in bfloat16 their convs round
-    otherwise than the plain ops (up to 8e-3 measured). In any other dtype the swapped model runs no
-    fused kernel, and gives exactly what it gives with them switched off. (The stem and first stage
-    stand for the encoder: their swapped blocks run both fused kernels, and float64 convs are slow.)"""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_the_fused_kernels_run_in_float32_and_bfloat16_only(dtype):
+    """oneDNN's fused ops are for float32 and bfloat16 here (tests/test_precision.py checks bfloat16):
+    float64 they refuse, and float16 is not a CPU dtype this project runs. In any other dtype the swapped
+    model runs no fused kernel, and gives exactly what it gives with them switched off. (The stem and
+    first stage stand for the encoder: their swapped blocks run both fused kernels, and float64 convs
+    are slow.)"""
     fast = speedups.apply(small_fastvlm().to(dtype))
     x, ids = torch.rand(1, 3, 64, 64, dtype=dtype), torch.arange(10)[None]
     encoder = fast.vision_tower

@@ -282,16 +282,14 @@ def bench_ttft(args):
     import numpy as np
     from PIL import Image
 
-    from synthetic import SMALL_LLM, write_fastvlm_checkpoint
+    from synthetic import LLM_0_5B, SMALL_LLM, write_fastvlm_checkpoint
 
     folder = Path(tempfile.mkdtemp())
     if args.quick:
         vision = QUICK_VISION
         write_fastvlm_checkpoint(folder, SMALL_LLM, vision, dtype=torch.float32)
     else:
-        fields = {k: getattr(Q.QWEN2_0_5B, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
-                  "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}
-        write_fastvlm_checkpoint(folder, fields, dtype=torch.float32)
+        write_fastvlm_checkpoint(folder, LLM_0_5B, dtype=torch.float32)
     model, tokenizer, config = loading.load_model(folder)
     plain, _, _ = loading.load_model(folder, fast=False)   # the model files alone, no speed step
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))

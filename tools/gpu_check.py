@@ -53,7 +53,7 @@ import fastvlm as FV  # noqa: E402
 import qwen2 as Q  # noqa: E402
 from support import loading, speedups  # noqa: E402
 from support.chat import Chat  # noqa: E402
-from synthetic import SMALL_LLM, write_fastvlm_checkpoint  # noqa: E402
+from synthetic import LLM_0_5B, SMALL_LLM, write_fastvlm_checkpoint  # noqa: E402
 
 QUESTION, FOLLOW_UP = bench.QUESTION, bench.FOLLOW_UP
 
@@ -292,9 +292,7 @@ class Context:
         if args.quick:
             self.folder = write_fastvlm_checkpoint(work / "model", SMALL_LLM, bench.QUICK_VISION)
         else:
-            fields = {k: getattr(Q.QWEN2_0_5B, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
-                      "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}
-            self.folder = write_fastvlm_checkpoint(work / "model", fields)     # bf16, as Apple stores it
+            self.folder = write_fastvlm_checkpoint(work / "model", LLM_0_5B)     # bf16, as Apple stores it
         self.image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
         self.image_path = work / "image.png"
         self.image.save(self.image_path)

@@ -216,6 +216,10 @@ OFFICIAL_CONFIG = {
 SMALL_LLM = dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_window_layers=2)
 
+# FastVLM-0.5B's language model (Qwen2-0.5B's shapes), for write_fastvlm_checkpoint.
+LLM_0_5B = {k: getattr(__import__("qwen2").QWEN2_0_5B, k) for k in (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}
+
 
 def fastvlm_tensors(llm_fields=SMALL_LLM, vision_cfg=None, tied=True):
     """Official-layout tensors: full FastViTHD (or a small config), the projector, a Qwen2 of `llm_fields`
