@@ -18,7 +18,8 @@ def test_bench_quick_runs_every_section(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
     for heading in ("machine probe", "encoder scaling", "Qwen2 tiny shapes", "FastVLM tiny", "speed-up",
-                    "where the time goes", "OMP_WAIT_POLICY", "batch mode:"):
+                    "where the time goes", "OMP_WAIT_POLICY", "batch mode:", "| float32 |", "| bfloat16 |", "| int8 |",
+                    "bf16 / fp32: TTFT", "int8 / bf16 decode", "read: "):
         assert heading in out, heading
     assert "| ours |" in out and "| transformers |" in out           # the decoder reference ran
     # Quick mode says that its numbers are not measurements, first and last, and prints none that look
@@ -31,6 +32,7 @@ def test_bench_quick_runs_every_section(tmp_path):
     assert all(r == "too short to time" or float(r) < 1e6 for r in rates), rates
     assert not re.search(r"\| 0\.0 \|", out), out
     assert (tmp_path / "encoder_scaling.png").stat().st_size > 1000
+    assert (tmp_path / "precision_cpu.png").stat().st_size > 1000
 
 
 def test_a_rate_from_too_short_an_interval_is_not_printed_as_a_number():

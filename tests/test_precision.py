@@ -257,3 +257,21 @@ def test_fidelity_figures_are_computed_as_documented():
     row = compare((ref, [1, 2, 3, 4]), (other, [1, 2, 9, 4]))
     assert row == {"first": 0.0, "top5": 0.8, "dlogit": pytest.approx(4.5 / float(ref.std())), "greedy": 0.5}
     assert compare((ref, [7]), (ref, [7, 8]))["greedy"] == 1.0
+
+
+@pytest.mark.inference
+def test_decode_bytes_count_what_one_token_reads():
+    """tools/bench.py's bytes per decoded token: the whole decoder when the head is the embedding table;
+    with int8 weights the int8 layers and the head's copy, and not the table (one row of it is read)."""
+    import bench
+
+    model = small_fastvlm()
+    llm = model.llm
+    every = sum(t.numel() * t.element_size() for t in llm.state_dict().values()) - llm.lm_head.weight.numel() * 4
+    assert bench.decode_bytes(llm) == every                       # the tied head counted once
+    speedups.apply(model, quantize="int8")
+    table = llm.embed_tokens.weight.numel() * 4
+    int8 = sum(m.weight.numel() + m.scales.numel() * 2 + (0 if m.bias is None else m.bias.numel() * 4)
+               for m in llm.modules() if isinstance(m, speedups.Int8Linear))
+    norms = sum(p.numel() * 4 for n, p in llm.named_parameters() if "norm" in n)
+    assert bench.decode_bytes(llm) == int8 + norms and bench.decode_bytes(llm) < every - table + 1

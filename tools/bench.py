@@ -8,7 +8,9 @@ never in tests. Random weights at the real shapes (tools/synthetic.py), no downl
                                       transformers' FastVlmForConditionalGeneration when it (and timm) is installed
     python tools/bench.py breakdown   where the time goes: every block of the encoder and of the prefill, its
                                       FLOPs and GFLOP/s against the matmul probe
-    python tools/bench.py probe       the machine's ceiling: fp32 matmul GFLOP/s and copy bandwidth
+    python tools/bench.py probe       the machine's ceiling: fp32 and bf16 matmul GFLOP/s, read bandwidth
+    python tools/bench.py precision   float32, bfloat16 and int8 weights: TTFT and decode against the probes, the
+                                      plain model files and transformers' FastVLM in the same dtype; load memory
     python tools/bench.py threads     decode speed under OMP_WAIT_POLICY and thread-count settings
     python tools/bench.py batch       infer.py --batch vs one infer.py call per question (50 questions, 10
                                       images, the shipped tiny model): answers per second
@@ -99,18 +101,21 @@ def flops_of(fn):
 
 @torch.no_grad()
 def probe(args, quiet=False):
+    """(fp32 matmul GFLOP/s, bf16 matmul GFLOP/s, read bandwidth GB/s): the machine's limits for compute
+    (a 2048 x 2048 product) and for decoding (summing the rows of a 256 MB matrix: every byte read once,
+    nothing written back, as a matrix-vector product reads its weights)."""
     n = 512 if args.quick else 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    t = median_seconds(lambda: a @ b, 1 if args.quick else 5)
-    gflops = 2 * n ** 3 / t / 1e9
-    x = torch.randn((8 if args.quick else 64) * 2 ** 20)            # 32 MB .. 256 MB of fp32
-    y = torch.empty_like(x)
-    t = median_seconds(lambda: y.copy_(x), 1 if args.quick else 5)
-    gbps = 2 * x.numel() * 4 / t / 1e9                               # read + write
+    gflops = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        gflops[dtype] = 2 * n ** 3 / median_seconds(lambda: a @ b, 1 if args.quick else 5) / 1e9
+    x = torch.randn((8 if args.quick else 64) * 2 ** 20 // 4096, 4096)   # 32 MB .. 256 MB of fp32
+    gbps = x.numel() * 4 / median_seconds(lambda: x.sum(dim=1), 1 if args.quick else 5) / 1e9
     if not quiet:
         print(f"machine probe -- {settings_line()}")
-        print(f"fp32 matmul {n}x{n}: {gflops:.1f} GFLOP/s; copy: {gbps:.1f} GB/s (read + write)")
-    return gflops, gbps
+        print(f"matmul {n}x{n}: fp32 {gflops[torch.float32]:.1f} GFLOP/s, bf16 {gflops[torch.bfloat16]:.1f} GFLOP/s "
+              f"({gflops[torch.bfloat16] / gflops[torch.float32]:.2f}x); read: {gbps:.1f} GB/s")
+    return gflops[torch.float32], gflops[torch.bfloat16], gbps
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -240,7 +245,7 @@ def bench_decoder(args):
         t_prefill = median_seconds(prefill, runs)
         t_gen = median_seconds(gen, runs)
         rows[name] = (t_prefill, rate_per_s(new - 1, t_gen - t_prefill))
-    _, gbps = probe(args, quiet=True)
+    _, _, gbps = probe(args, quiet=True)
     bytes_per_token = sum(p.numel() for p in ours.parameters()) * 4          # every weight read once
     print(f"Qwen2 {'tiny' if args.quick else '0.5B'} shapes, fp32, prefill {prompt_len} tokens, "
           f"decode {new} -- {settings_line()}")
@@ -252,7 +257,7 @@ def bench_decoder(args):
         (a, b), (c, d) = rows["ours"], rows["transformers"]
         speed = f"{b / d:.2f}x" if b and d else "too short to time"
         print(f"ratios: prefill time ours/transformers {a / c:.2f}x, decode speed ours/transformers {speed}; "
-              f"copy probe {gbps:.1f} GB/s")
+              f"read probe {gbps:.1f} GB/s")
     return rows
 
 
@@ -321,7 +326,7 @@ def bench_ttft(args):
                 "follow_up": med(lambda t: t[1].ttft)}
 
     ours, plain_ours = summary(timings), summary(plain_timings)
-    gflops, gbps = probe(args, quiet=True)
+    gflops, _, gbps = probe(args, quiet=True)
     pixels = FV.preprocess(image, model.image_size)[None]
     ids = FV.turn_ids(tokenizer, QUESTION, first=True)
     with speedups.flop_counter() as counter:                  # one encoder pass: its FLOPs and its features
@@ -344,7 +349,7 @@ def bench_ttft(args):
     print(f"| decode tokens/s | {ours['decode']:.1f} | | {plain_ours['decode']:.1f} |")
     bytes_per_token = sum(p.numel() for p in model.llm.parameters()) * 4
     print(f"decode: {ours['decode']:.1f} tokens/s = {ours['decode'] * bytes_per_token / 1e9:.1f} GB/s of weights "
-          f"(copy probe {gbps:.1f} GB/s); matmul probe {gflops:.1f} GFLOP/s")
+          f"(read probe {gbps:.1f} GB/s); matmul probe {gflops:.1f} GFLOP/s")
     ref = None
     if hf_runs:
         ref = {k: statistics.median(r[k] for r in hf_runs) for k in hf_runs[0]}
@@ -431,6 +436,140 @@ def hf_fastvlm_ttft(folder, image, new, quick, device="cpu", dtype=torch.float32
                 "encoder": median_seconds(lambda: model.model.get_image_features(pixel_values=pixels), 1, 0, device),
                 "prefill": median_seconds(lambda: model.model.language_model(inputs_embeds=embeds), 1, 0, device)}
     return one_run
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Precision on the CPU: float32, bfloat16 and int8 weights, against the machine's limits.
+# ----------------------------------------------------------------------------------------------------
+
+# name -> (dtype, quantize) of load_model
+PRECISIONS = {"float32": (torch.float32, None), "bfloat16": (torch.bfloat16, None), "int8": (torch.bfloat16, "int8")}
+
+
+def decode_bytes(llm):
+    """Bytes one decode step reads: every weight of the decoder once, except the embedding table, of which
+    it reads one row, unless the output head is that same table (tied, not quantized)."""
+    tensors = {t.data_ptr(): t for t in llm.state_dict().values() if t.numel()}
+    table = llm.embed_tokens.weight
+    read = sum(t.numel() * t.element_size() for t in tensors.values())
+    return read if llm.lm_head.weight is table else read - table.numel() * table.element_size()
+
+
+def load_peak(folder, dtype, quantize):
+    """(peak resident bytes that loading added, the loaded weights' bytes), in a fresh process."""
+    code = (f"import sys, torch; sys.path[:0] = [{str(ROOT)!r}]\n"
+            "from support import loading, options\nfrom support.chat import peak_rss_mib\n"
+            "before = peak_rss_mib()\n"
+            f"m, _, _ = loading.load_model({str(folder)!r}, dtype=torch.{str(dtype).removeprefix('torch.')}, "
+            f"quantize={quantize!r})\n"
+            "print(int((peak_rss_mib() - before) * 2**20), options.weight_bytes(m))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200, check=True)
+    peak, weights = map(int, out.stdout.split()[-2:])
+    return peak, weights
+
+
+@torch.no_grad()
+def bench_precision(args):
+    """TTFT (encoder, prefill) and decode speed in float32, bfloat16 and with int8 weights, each against the
+    matmul probe of its dtype or the read probe, the plain model files and transformers' FastVLM in the
+    same dtype (when timm is installed: see docs/performance.md), and the peak memory of loading."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from synthetic import LLM_0_5B, SMALL_LLM, write_fastvlm_checkpoint
+
+    folder = Path(tempfile.mkdtemp()) / "fastvlm-0.5b-random"
+    write_fastvlm_checkpoint(folder, SMALL_LLM if args.quick else LLM_0_5B,
+                             QUICK_VISION if args.quick else None, dtype=torch.float32)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    new, runs = (4, 1) if args.quick else (32, args.runs)
+    gflops32, gflops16, gbps = probe(args)
+    units, why = speedups.bf16_units()
+    print(f"bf16 units: {units} ({why})\n")
+    rows = {}
+    for name, (dtype, quantize) in PRECISIONS.items():
+        ours, _, config = loading.load_model(folder, dtype=dtype, quantize=quantize)
+        tokenizer = loading.load_tokenizer(folder)
+        plain = None if quantize else loading.load_model(folder, dtype=dtype, fast=False)[0]
+        hf = None if (quantize or args.no_reference) else hf_fastvlm_ttft(folder, image, new, args.quick, dtype=dtype)
+        measured = {"ours": [], "plain": [], "transformers": []}
+        for i in range(runs + 1):                             # alternating; the first round is the warm-up
+            for who, model in (("ours", ours), ("plain", plain)):
+                if model is not None:
+                    chat = Chat(model, tokenizer, image, config)
+                    chat.ask(QUESTION, max_new_tokens=new)
+                    t = chat.timing
+                    measured[who].append({"encoder": t.encoder, "prefill": t.prefill, "ttft": t.ttft,
+                                          "decode": t.decode / max(t.new_tokens - 1, 1), "tokens": t.new_tokens})
+            if hf is not None:
+                r = hf()
+                measured["transformers"].append({**r, "decode": r["decode"] / (new - 1)})
+        med = {who: {k: statistics.median(m[k] for m in ms[1:]) for k in ms[0]} for who, ms in measured.items() if ms}
+        pixels = FV.preprocess(image, ours.image_size)[None]
+        with speedups.flop_counter() as counter:
+            ours.vision_tower(pixels.to(dtype))
+        enc_flops = counter.get_total_flops()
+        peak, weights = load_peak(folder, dtype, quantize)
+        rows[name] = {"med": med, "enc_flops": enc_flops, "bytes": decode_bytes(ours.llm), "peak": peak,
+                      "weights": weights, "gflops": gflops16 if dtype == torch.bfloat16 else gflops32}
+        del ours, plain, hf
+    print_precision(rows, gbps, gflops32, gflops16, args)
+    plot_precision(rows, Path(args.out) / "precision_cpu.png")
+    return rows
+
+
+def print_precision(rows, gbps, gflops32, gflops16, args):
+    print(f"FastVLM {'tiny' if args.quick else '0.5B'} shapes (random weights), 640x480 image, {QUESTION!r} -- "
+          f"{settings_line()}")
+    print("| precision | TTFT ms | encoder ms (of matmul probe) | prefill ms | decode tokens/s | bytes/token | "
+          "GB/s (of read probe) | plain files tokens/s | transformers TTFT ms | transformers tokens/s | "
+          "load peak / weights |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        o, p, h = r["med"]["ours"], r["med"].get("plain"), r["med"].get("transformers")
+        tps = 1 / o["decode"]
+        plain = "" if p is None else f"{1 / p['decode']:.1f}"
+        hf_ttft, hf_tps = ("", "") if h is None else (f"{h['ttft'] * 1e3:.0f}", f"{1 / h['decode']:.1f}")
+        print(f"| {name} | {o['ttft'] * 1e3:.0f} | {o['encoder'] * 1e3:.0f} "
+              f"({r['enc_flops'] / o['encoder'] / 1e9 / r['gflops']:.0%}) | {o['prefill'] * 1e3:.0f} | {tps:.1f} | "
+              f"{r['bytes'] / 1e6:.0f} MB | {tps * r['bytes'] / 1e9:.1f} ({tps * r['bytes'] / 1e9 / gbps:.0%}) | "
+              f"{plain} | {hf_ttft} | {hf_tps} | {r['peak'] / 2**20:.0f} / {r['weights'] / 2**20:.0f} MiB |")
+    f32, b16, i8 = (rows[k]["med"]["ours"] for k in ("float32", "bfloat16", "int8"))
+    probe_ratio = gflops16 / gflops32
+    print(f"\nbf16 / fp32: TTFT {f32['ttft'] / b16['ttft']:.2f}x faster (matmul probe {probe_ratio:.2f}x: "
+          f"{f32['ttft'] / b16['ttft'] / probe_ratio:.0%} of it); decode {f32['decode'] / b16['decode']:.2f}x")
+    print(f"int8 / bf16 decode: {b16['decode'] / i8['decode']:.2f}x faster; read probe {gbps:.1f} GB/s")
+    for name in ("float32", "bfloat16"):
+        h = rows[name]["med"].get("transformers")
+        if h:
+            o = rows[name]["med"]["ours"]
+            print(f"{name} ours / transformers: TTFT {o['ttft'] / h['ttft']:.2f}x (encoder {o['encoder'] / h['encoder']:.2f}x, "
+                  f"prefill {o['prefill'] / h['prefill']:.2f}x); decode speed {h['decode'] / o['decode']:.2f}x")
+
+
+def plot_precision(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((left, "ttft", "time to first token (s)"), (right, "decode", "decode (tokens/s)")):
+        for offset, who in ((-0.2, "ours"), (0.2, "transformers")):
+            values = [rows[n]["med"][who][key] if who in rows[n]["med"] else float("nan") for n in names]
+            values = [1 / v if key == "decode" else v for v in values]
+            ax.bar([i + offset for i in range(len(names))], values, width=0.4, label=who)
+        ax.set_xticks(range(len(names)), names)
+        ax.set_ylabel(label)
+        ax.set_title(label.split(" (")[0] + ", FastVLM-0.5B shapes, CPU")
+    left.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    print(f"plot: {path}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -626,7 +765,7 @@ def bench_breakdown(args):
     embeds = torch.randn(1, prompt, llm.cfg.hidden_size) * 0.02
     llm.setup_cache(prompt)
     runs = 1 if args.quick else args.runs
-    gflops, _ = probe(args, quiet=True)
+    gflops, _, _ = probe(args, quiet=True)
     parts = [(f"FastViTHD (inference form) at {cfg.image_size} px", encoder_rows(encoder), lambda: encoder(image)),
              (f"Qwen2 {'tiny' if args.quick else '0.5B'} prefill of {prompt} tokens", decoder_rows(llm),
               lambda: llm(embeds=embeds, last_only=True))]
@@ -692,14 +831,15 @@ def bench_batch(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["reparam", "encoder", "decoder", "ttft", "breakdown", "probe", "threads", "batch",
-                                    "all"])
+                                    "precision", "all"])
     p.add_argument("--quick", action="store_true", help="tiny shapes, one run: checks the script runs")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "results"))
     p.add_argument("--no-reference", action="store_true", help="skip the transformers comparisons")
     args = p.parse_args(argv)
     jobs = {"probe": probe, "reparam": bench_reparam, "encoder": bench_encoder, "decoder": bench_decoder,
-            "ttft": bench_ttft, "breakdown": bench_breakdown, "threads": bench_threads, "batch": bench_batch}
+            "ttft": bench_ttft, "breakdown": bench_breakdown, "threads": bench_threads, "batch": bench_batch,
+            "precision": bench_precision}
     if args.quick:
         print(QUICK_BANNER + "\n")
     for name in (jobs if args.what == "all" else [args.what]):

@@ -60,7 +60,8 @@ def answer(model, tokenizer, image, question, new_tokens):
     """(the first token's logits as float32 (vocab,), the greedy answer's token ids)."""
     chat = Chat(model, tokenizer, image)
     pixels = speedups.to_pixels(FV.square_rgb(image, model.image_size), "cpu", model.llm.dtype)
-    embeds = model.embed(FV.turn_ids(tokenizer, question, first=True), model.encode_image(pixels))
+    chat.image_embeds = model.encode_image(pixels)                 # (1, N, d), encoded once for both
+    embeds = model.embed(FV.turn_ids(tokenizer, question, first=True), chat.image_embeds)
     model.llm.setup_cache(embeds.shape[1] + 1)
     logits = model.llm(embeds=embeds, start=0, last_only=True)[0, -1, :chat.vocab_limit].float()
     tokens = []
