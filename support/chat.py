@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps
 
 import qwen2
-from fastvlm import END, IMAGE, IMAGE_TOKEN_INDEX, STOP_TOKENS, SYSTEM_PROMPT, square_rgb, turn_ids
+from fastvlm import END, IMAGE, IMAGE_TOKEN_INDEX, STOP_TOKENS, SYSTEM_PROMPT, conversation_ids, square_rgb, turn_ids
 from support import speedups
 from support.speedups import synchronize
 
@@ -54,17 +54,25 @@ def load_image(path):
     except OSError as e:                                 # a folder on the way that cannot be entered
         raise InputError(f"cannot reach {path} ({e.strerror}); check its folder's permissions") from None
     try:
+        return decode_image(path, str(path))
+    except PermissionError:
+        raise InputError(f"{path} is not readable (permission denied); check the file's permissions") from None
+
+
+def decode_image(source, name):
+    """An image file's path or file object -> 8-bit RGB (see load_image); `name` says which image in errors."""
+    try:
         with warnings.catch_warnings():                 # large but allowed: PIL would warn on stderr
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 img.load()                               # decode now, so a truncated file fails here
                 img = ImageOps.exif_transpose(img)
     except PermissionError:
-        raise InputError(f"{path} is not readable (permission denied); check the file's permissions") from None
+        raise
     except Image.DecompressionBombError as e:
-        raise InputError(f"{path} is too large to decode safely ({e}); resize it first") from None
+        raise InputError(f"{name} is too large to decode safely ({e}); resize it first") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"{path} is not a readable image ({e}); pass a PNG, JPEG or similar") from None
+        raise InputError(f"{name} is not a readable image ({e}); pass a PNG, JPEG or similar") from None
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # high bit depth grayscale
         a = np.nan_to_num(np.asarray(img, dtype=np.float64))
         if img.mode == "F" and a.max() <= 1.0:            # floating-point images usually hold [0, 1]
@@ -128,9 +136,10 @@ def longest_token_bytes(tokenizer):
 
 
 class Chat:
-    """Questions about one image. The image is encoded once; every turn's tokens stay in the KV cache,
-    so a follow-up question only prefills its own few tokens (tests check that this equals feeding the
-    whole conversation again, as a stateless implementation would)."""
+    """Questions about one image (or none: `image=None` is a text-only conversation). The image is encoded
+    once; every turn's tokens stay in the KV cache, so a follow-up question only prefills its own few
+    tokens (tests check that this equals feeding the whole conversation again, as a stateless
+    implementation would)."""
 
     def __init__(self, model, tokenizer, image, config=None, system=SYSTEM_PROMPT):
         self.model, self.tokenizer, self.image, self.system = model, tokenizer, image, system
@@ -194,11 +203,11 @@ class Chat:
         """The ids of the next turn; the KV cache grown (keeping what it holds) to fit it and its answer.
         `limit` names max_new_tokens in the message that refuses a turn too long for the context."""
         self.check_question(question)
-        ids = turn_ids(self.tokenizer, question, first=not self.history, system=self.system)
+        ids = turn_ids(self.tokenizer, question, first=not self.history, system=self.system, image=self.image is not None)
         if self.history:                                   # the <|im_end|> that closes the answer before it
             ids = self.tokenizer.encode(END) + ids
         # the one <image> id (in this turn or in the history) stands for all the image's tokens
-        needed = len(self.history) + len(ids) + self.model.vision_tower.cfg.num_tokens() - 1
+        needed = len(self.history) + len(ids) + (self.model.vision_tower.cfg.num_tokens() - 1 if self.image else 0)
         if needed + max_new_tokens > self.context:
             raise InputError(f"the conversation needs {needed} + {max_new_tokens} tokens but the model's context "
                              f"is {self.context}; ask a shorter question, lower {limit} or start over")
@@ -215,7 +224,7 @@ class Chat:
         self.check_question(question)                      # before the image is encoded, too
         model, device, t = self.model, self.model.llm.device, Timing()
         t.start(device)
-        if self.image_embeds is None:
+        if self.image_embeds is None and self.image is not None:
             pixels = speedups.to_pixels(square_rgb(self.image, model.image_size), device, model.llm.dtype)
             t.lap("preprocess")
             self.image_embeds = model.encode_image(pixels, timing=t)   # (1, N, d)
@@ -241,14 +250,45 @@ class Chat:
         except qwen2.NonFiniteLogits as e:
             del self.history[len(self.history) - len(ids):]        # the turn was not taken
             raise AnswerError(non_finite_cause(model, str(e))) from None
-        synchronize(device)
-        end = time.perf_counter()
+        finally:            # also when on_token ended the answer (a server's client gone, a stop string)
+            synchronize(device)
+            end = time.perf_counter()
+            first_at = clock["first"] or end
+            t.prefill, t.decode = first_at - clock["start"], end - first_at
+            self.timing = t
         self.history += out
-        first_at = clock["first"] or end
-        t.prefill = first_at - clock["start"]
-        t.decode, t.new_tokens = end - first_at, len(out)
-        self.timing = t
+        t.new_tokens = len(out)
         return self.tokenizer.decode(out).strip()
+
+
+    @torch.no_grad()
+    def replay(self, exchanges):
+        """Feed earlier turns of a conversation, [(question, answer), ...], into a new chat without asking:
+        their tokens fill the KV cache as if they had been asked here (the answers as given, tokenized), so
+        that the next ask() continues them. A server that is sent the whole history uses it."""
+        if self.history:
+            raise ValueError("replay() starts a conversation; this chat has turns already")
+        for question, _ in exchanges:
+            self.check_question(question)
+        if not exchanges:
+            return
+        ids = conversation_ids(self.tokenizer, exchanges, system=self.system, image=self.image is not None)[0]
+        ids = ids[:len(ids) - len(self.tokenizer.encode(END))]     # ask() puts the last <|im_end|> back
+        needed = len(ids) + (self.model.vision_tower.cfg.num_tokens() - 1 if self.image else 0)
+        if needed + 1 > self.context:
+            raise InputError(f"the conversation needs {needed} tokens but the model's context is {self.context}; "
+                             "start a new conversation")
+        model, llm = self.model, self.model.llm
+        if self.image is not None:
+            pixels = speedups.to_pixels(square_rgb(self.image, model.image_size), llm.device, llm.dtype)
+            self.image_embeds = model.encode_image(pixels)
+        if llm.max_len < needed + 1:
+            llm.setup_cache(speedups.cache_length(needed + 1, self.context))
+        embeds = model.embed(ids, self.image_embeds if IMAGE_TOKEN_INDEX in ids else None)
+        logits = llm(embeds=embeds, start=0, last_only=True)
+        if not torch.isfinite(logits).all():
+            raise AnswerError(non_finite_cause(model, "the model produced non-finite logits on the conversation"))
+        self.history, self.pos = list(ids), embeds.shape[1]
 
 
 def non_finite_cause(model, what):
