@@ -9,6 +9,8 @@ these files serve them, each named by what it handles:
     tokenizer.py   Qwen2's byte-level BPE
     chat.py        a conversation about one image file: its checks, its KV cache across turns, timing
     batch.py       infer.py --batch: JSON lines in, answers out, resumable and locked
+    serving.py     serve.py's model side: OpenAI chat requests checked, conversations kept with their
+                   KV caches, answers with stop strings
     options.py     the command lines of infer.py and train.py, each bound beside its option
     llava_data.py  LLaVA's conversations and images into training batches
     training.py    a training run's folder and processes: initialisation, resume, atomic saves,

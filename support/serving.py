@@ -265,7 +265,8 @@ class Conversations:
     def __init__(self, model, tokenizer, config, keep=8):
         self.model, self.tokenizer, self.config, self.keep = model, tokenizer, config, keep
         self.kept = OrderedDict()     # key of the conversation so far -> (chat, its caches, its max_len)
-        self.last_prefill_tokens = 0  # of the latest answer: what it prefilled (tests check reuse)
+        self.last_prefill_tokens = 0  # of the latest answer: every token it prefilled (tests check reuse)
+        self.replayed = 0
 
     @staticmethod
     def key(request, exchanges):
@@ -288,11 +289,13 @@ class Conversations:
         if found is not None:
             chat, caches, max_len = found
             self._install(caches, max_len)
+            self.replayed = 0
             return chat
         self.model.llm.drop_cache()                     # a new cache: the kept ones stay as they are
         chat = Chat(self.model, self.tokenizer, request.image, self.config, system=request.system)
         chat.check_system("the system message")
         chat.replay(request.exchanges)
+        self.replayed = chat.pos                        # the earlier turns' tokens, prefilled again
         return chat
 
     def answer(self, request, on_text=None, cancelled=lambda: False):
@@ -331,7 +334,7 @@ class Conversations:
         # the prompt as the model saw it: every id of the conversation before this answer, the image's
         # tokens in place of its one placeholder
         prompt = len(chat.history) - (tokens if kept else 0) + max(image_tokens - 1, 0)
-        self.last_prefill_tokens = chat.timing.prompt_tokens
+        self.last_prefill_tokens = self.replayed + chat.timing.prompt_tokens
         if kept:
             exchanges = [*request.exchanges, (request.question, stream.finish())]
             self.kept[self.key(request, exchanges)] = (chat, *self._caches())

@@ -15,9 +15,9 @@ FLOORS = {  # as docs/architecture.md draws them
     "support.speedups": 2,
     "support.loading": 3, "support.chat": 3,
     "support.options": 4,
-    "support.batch": 5, "support.llava_data": 5,
+    "support.batch": 5, "support.llava_data": 5, "support.serving": 5,
     "support.training": 6,
-    "infer": 7, "train": 7,
+    "infer": 7, "train": 7, "serve": 7,
 }
 READING_PATH = ("repmixer.py", "qwen2.py", "fastvlm.py", "train.py", "infer.py")
 
@@ -64,3 +64,13 @@ def test_the_reading_path_is_short_enough_to_read():
     """At most 550 lines a file and 1,700 together (docs/architecture.md)."""
     lines = {name: len((ROOT / name).read_text().splitlines()) for name in READING_PATH}
     assert max(lines.values()) <= 550 and sum(lines.values()) <= 1700, lines
+
+
+def test_only_serve_py_imports_the_web_stack():
+    """starlette and uvicorn are serve.py's own (requirements-serve.txt): infer.py and train.py run without them."""
+    for path in list(ROOT.glob("*.py")) + list((ROOT / "support").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | \
+                {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        if path.name != "serve.py":
+            assert not names & {"starlette", "uvicorn", "fastapi"}, path

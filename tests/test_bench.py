@@ -19,7 +19,7 @@ def test_bench_quick_runs_every_section(tmp_path):
     out = run.stdout
     for heading in ("machine probe", "encoder scaling", "Qwen2 tiny shapes", "FastVLM tiny", "speed-up",
                     "where the time goes", "OMP_WAIT_POLICY", "batch mode:", "| float32 |", "| bfloat16 |", "| int8 |",
-                    "bf16 / fp32: TTFT", "int8 / bf16 decode", "read: "):
+                    "bf16 / fp32: TTFT", "int8 / bf16 decode", "read: ", "## serve:", "| 2 |"):
         assert heading in out, heading
     assert "| ours |" in out and "| transformers |" in out           # the decoder reference ran
     # Quick mode says that its numbers are not measurements, first and last, and prints none that look

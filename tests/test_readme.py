@@ -2,11 +2,13 @@
 (a download, a GPU, or a duration a test suite cannot pay, each then run in its short form), and every
 number it reports as measured carries the date it was measured."""
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,8 @@ NOT_RUN = {
     "bash tools/make_tiny_model.sh": ("about 25 minutes on 2 cores; tests/test_train.py checks the model it made",
                                       None),
     "python tools/bench.py ttft": ("minutes at the real shapes", "python tools/bench.py ttft --quick"),
+    "python serve.py --port 8000": ("a server runs until stopped; tests/test_serve.py starts it on a free port and "
+                                    "asks it with the openai client", None),
 }
 STDIN = {"python infer.py examples/shapes.png": "What color is the circle?\nAnd the square?\n\n"}
 
@@ -75,9 +79,32 @@ def test_every_command_runs(tmp_path):
     assert (work / "answers.jsonl").is_file() and (work / "runs" / "tiny" / "model.safetensors").is_file()
     assert len(ran) >= 8
     for code in blocks("python"):
+        if "OpenAI(" in code:       # the client example: against serve.py, started on a free port
+            with serving(work, env) as url:
+                code = code.replace("http://127.0.0.1:8000/v1", url)
+                proc = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, text=True, capture_output=True,
+                                      timeout=300)
+            assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
+            continue
         proc = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, text=True, capture_output=True,
                               timeout=300)
         assert proc.returncode == 0 and proc.stdout.strip() == "red", proc.stderr[-2000:]
+
+
+@contextlib.contextmanager
+def serving(work, env):
+    """serve.py in `work` on a free port until the block ends; yields its /v1 URL."""
+    proc = subprocess.Popen([sys.executable, "serve.py", "--port", "0"], cwd=work, env=env, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line, deadline = "", time.monotonic() + 120
+        while "ready" not in line:
+            assert time.monotonic() < deadline and proc.poll() is None, line
+            line = proc.stderr.readline()
+        yield line.split(" at ")[1].split(" ")[0]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 MEASURED = re.compile(r"\d[\d,.]*\s?(?:ms|s|min|minutes|tokens/s|samples/s|%|MiB|GiB|MB|GB|x)(?![\w/])")

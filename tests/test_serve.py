@@ -170,7 +170,8 @@ def test_length_limit_sampling_seed_and_system(server, tiny):
     system = "You answer in one word."
     r = c.chat.completions.create(model="fastvlm-tiny", temperature=0, messages=[
         {"role": "system", "content": system}, ask("What color is the circle?")])
-    assert r.choices[0].message.content == api_answer(tiny, "What color is the circle?", system=system)[0]
+    expected, chat = api_answer(tiny, "What color is the circle?", system=system)
+    assert r.choices[0].message.content == expected and r.usage.prompt_tokens == chat.timing.prompt_tokens
 
 
 def test_text_only_request(server, tiny):
@@ -236,6 +237,11 @@ def test_a_follow_up_prefills_only_its_own_turn(server, tiny):
     own_turn = len(tokenizer.encode(FV.END) + FV.turn_ids(tokenizer, "How many shapes are there?", first=False))
     assert pool.last_prefill_tokens == own_turn == chat.timing.prompt_tokens < 20
     assert a2.usage.prompt_tokens == a1.usage.prompt_tokens + a1.usage.completion_tokens + own_turn
+    # B's history about another image is another conversation: B's kept one does not match, all is prefilled.
+    other = [ask("Describe the image."), {"role": "assistant", "content": b1.choices[0].message.content},
+             {"role": "user", "content": "How many shapes are there?"}]
+    r = c.chat.completions.create(model="fastvlm-tiny", messages=other, temperature=0)
+    assert pool.last_prefill_tokens == r.usage.prompt_tokens > 20
 
 
 def test_with_nothing_kept_the_history_is_replayed_to_the_same_answer(tiny):
@@ -246,8 +252,7 @@ def test_with_nothing_kept_the_history_is_replayed_to_the_same_answer(tiny):
         follow = [ask("What color is the circle?"), {"role": "assistant", "content": a1.choices[0].message.content},
                   {"role": "user", "content": "How many shapes are there?"}]
         a2 = c.chat.completions.create(model="fastvlm-tiny", messages=follow, temperature=0)
-        assert app.state.pool.last_prefill_tokens == a2.usage.prompt_tokens - a1.usage.prompt_tokens - \
-            a1.usage.completion_tokens         # the new turn: the earlier ones were replayed first
+        assert app.state.pool.last_prefill_tokens == a2.usage.prompt_tokens    # the whole conversation again
     assert a2.choices[0].message.content == api_answer(tiny, "How many shapes are there?",
                                                        history=["What color is the circle?"])[0]
 
@@ -436,7 +441,7 @@ def test_a_stalled_client_times_out_without_holding_the_model(tiny):
 # ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv,fragment", [
-    (["--host", "0.0.0.0"], "--api-key"),
+    (["--host", "0.0.0.0", "--model", "/no/such/model"], "--api-key"),    # (a model that fails fast)
     (["--port", "70000"], "--port must be at most 65,535"),
     (["--queue", "0"], "--queue must be at least 1"),
     (["--timeout", "0"], "--timeout"),

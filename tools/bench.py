@@ -14,6 +14,8 @@ never in tests. Random weights at the real shapes (tools/synthetic.py), no downl
     python tools/bench.py threads     decode speed under OMP_WAIT_POLICY and thread-count settings
     python tools/bench.py batch       infer.py --batch vs one infer.py call per question (50 questions, 10
                                       images, the shipped tiny model): answers per second
+    python tools/bench.py serve       serve.py under 1, 8 and 32 concurrent clients: requests/s, TTFT p50/p95,
+                                      beside infer.py --batch on the same 50 questions
     add --quick for tiny shapes and one run (the smoke test does this)
 
 Medians over --runs runs after one warm-up. Every table prints the torch version, thread count and
@@ -788,17 +790,13 @@ def bench_breakdown(args):
     return all_flops, all_seconds
 
 
-def bench_batch(args):
-    """infer.py --batch against one infer.py call per question: 50 questions about 10 images (5 each), the
-    shipped tiny model, whole processes timed (loading included)."""
+def batch_questions(tmp, n_images, per_image):
+    """Scenes of tools/shapes_data.py saved in `tmp` and questions about each, as a --batch file there."""
     import json
     import random
-    import tempfile
 
     import shapes_data
 
-    n_images, per_image = (2, 2) if args.quick else (10, 5)
-    tmp = Path(tempfile.mkdtemp())
     rng, rows = random.Random(0), []
     for i in range(n_images):
         objects = shapes_data.random_scene(rng)
@@ -806,6 +804,82 @@ def bench_batch(args):
         asked = [q for _, q, _ in shapes_data.questions(objects, rng)][:per_image]   # every scene has >= 5
         rows += [{"id": f"{i}-{j}", "image": f"scene{i}.png", "question": q} for j, q in enumerate(asked)]
     (tmp / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def bench_serve(args):
+    """serve.py under N concurrent clients (the openai package, streaming, temperature 0): requests/s and
+    the time to first token each client sees, p50 and p95, queueing included; beside one infer.py --batch
+    run on the same 50 questions. Whole processes, the shipped tiny model."""
+    import base64
+    import json
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        import openai
+    except ImportError:
+        print("(serve: the openai package is not installed: pip install -r requirements-dev.txt)")
+        return None
+    n_images, per_image = (2, 2) if args.quick else (10, 5)
+    tmp = Path(tempfile.mkdtemp())
+    rows = batch_questions(tmp, n_images, per_image)
+    urls = {r["image"]: "data:image/png;base64," + base64.b64encode((tmp / r["image"]).read_bytes()).decode()
+            for r in rows}
+    print(f"## serve: {len(rows)} questions about {n_images} images, shipped tiny model ({settings_line()})\n")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(ROOT / "infer.py"), "--batch", str(tmp / "questions.jsonl"), "--out",
+                    str(tmp / "answers.jsonl")], check=True, capture_output=True)
+    batch_s = time.perf_counter() - start
+    expected = [json.loads(line)["answer"] for line in (tmp / "answers.jsonl").read_text().splitlines()]
+    server = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--port", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "ready" not in line:
+            line = server.stderr.readline()
+            if not line and server.poll() is not None:
+                raise RuntimeError("serve.py stopped before it was ready")
+        url = line.split(" at ")[1].split(" ")[0]
+
+        def one(row):
+            client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+            sent, first, text = time.perf_counter(), None, ""
+            for chunk in client.chat.completions.create(
+                    model="fastvlm-tiny", temperature=0, stream=True, messages=[{"role": "user", "content": [
+                        {"type": "text", "text": row["question"]},
+                        {"type": "image_url", "image_url": {"url": urls[row["image"]]}}]}]):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    first = first or time.perf_counter()
+                    text += chunk.choices[0].delta.content
+            return (first or time.perf_counter()) - sent, text
+
+        print("| clients | wall time | requests/s | TTFT p50 (ms) | TTFT p95 (ms) | answers as --batch's |")
+        print("|---|---|---|---|---|---|")
+        for clients in ((1, 2) if args.quick else (1, 8, 32)):
+            start = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                results = list(pool.map(one, rows))
+            wall = time.perf_counter() - start
+            ttfts = sorted(t for t, _ in results)
+            p = lambda q: ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))] * 1e3       # noqa: E731
+            same = sum(text == e for (_, text), e in zip(results, expected))
+            print(f"| {clients} | {wall:.1f} s | {len(rows) / wall:.2f} | {p(0.5):.0f} | {p(0.95):.0f} | "
+                  f"{same}/{len(rows)} |")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    print(f"| one infer.py --batch (loading included) | {batch_s:.1f} s | {len(rows) / batch_s:.2f} | | | |")
+
+
+def bench_batch(args):
+    """infer.py --batch against one infer.py call per question: 50 questions about 10 images (5 each), the
+    shipped tiny model, whole processes timed (loading included)."""
+    import json
+    import tempfile
+
+    n_images, per_image = (2, 2) if args.quick else (10, 5)
+    tmp = Path(tempfile.mkdtemp())
+    rows = batch_questions(tmp, n_images, per_image)
     infer_py = [sys.executable, str(ROOT / "infer.py")]
     print(f"## batch: {len(rows)} questions about {n_images} images, shipped tiny model, whole processes "
           f"({settings_line()})\n")
@@ -831,7 +905,7 @@ def bench_batch(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["reparam", "encoder", "decoder", "ttft", "breakdown", "probe", "threads", "batch",
-                                    "precision", "all"])
+                                    "precision", "serve", "all"])
     p.add_argument("--quick", action="store_true", help="tiny shapes, one run: checks the script runs")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "results"))
@@ -839,7 +913,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     jobs = {"probe": probe, "reparam": bench_reparam, "encoder": bench_encoder, "decoder": bench_decoder,
             "ttft": bench_ttft, "breakdown": bench_breakdown, "threads": bench_threads, "batch": bench_batch,
-            "precision": bench_precision}
+            "precision": bench_precision, "serve": bench_serve}
     if args.quick:
         print(QUICK_BANNER + "\n")
     for name in (jobs if args.what == "all" else [args.what]):

@@ -41,6 +41,7 @@ class Mutant:
 FASTVLM, REPMIXER, QWEN2 = "tests/test_fastvlm.py", "tests/test_repmixer.py", "tests/test_qwen2.py"
 SPEEDUPS = "tests/test_speedups.py"
 PRECISION = "tests/test_precision.py::"
+SERVE = "tests/test_serve.py::"
 E2E = FASTVLM + "::test_matches_independent_pipeline"
 TIMM = REPMIXER + "::test_matches_timm_reference_at_256_and_1024"
 PREPROCESS = FASTVLM + "::test_preprocessing_equals_official_image_processor"
@@ -796,6 +797,58 @@ MUTANTS += [
            "return read if llm.lm_head.weight is table else read - table.numel() * table.element_size()", "return read",
            (PRECISION + "test_decode_bytes_count_what_one_token_reads",),
            "int8's bytes per token counting the embedding table that a step reads one row of"),
+    # --- serve.py ----------------------------------------------------------------------------------------
+    Mutant("serve_cache_not_reused", "support/serving.py",
+           "        found = self.kept.pop(self.key(request, request.exchanges), None)",
+           "        found = None", (SERVE + "test_a_follow_up_prefills_only_its_own_turn",),
+           "every follow-up replays the whole conversation"),
+    Mutant("serve_cache_key_ignores_the_image", "support/serving.py",
+           "        return (request.image_digest, request.system, tuple(exchanges))",
+           "        return (request.system, tuple(exchanges))", (SERVE + "test_a_follow_up_prefills_only_its_own_turn",
+                                                                 SERVE + "test_fifty_clients_at_once_each_get_their_own_answer"),
+           "another image's conversation continued: the answer is about the wrong picture"),
+    Mutant("serve_caches_not_swapped", "support/serving.py", "            self._install(caches, max_len)\n",
+           "            pass\n", (SERVE + "test_a_follow_up_prefills_only_its_own_turn",),
+           "a kept conversation continued on the cache of the last one answered"),
+    Mutant("serve_queue_unbounded", "serve.py", '        if state["admitted"] >= queue:', "        if False:",
+           (SERVE + "test_a_full_queue_answers_429_at_once",), "no 429: a flood of requests queues without end"),
+    Mutant("serve_key_not_checked", "serve.py", "        if api_key is None:\n            return True",
+           "        if True:\n            return True", (SERVE + "test_an_api_key_is_required_when_set",),
+           "--api-key accepted and not enforced"),
+    Mutant("serve_any_host_without_key", "serve.py", "    if args.host not in LOCAL and not args.api_key:",
+           "    if False:", (SERVE + "test_bad_options_are_one_line",), "the server opened to the network without a key"),
+    Mutant("serve_hangup_ignored", "serve.py", "                gone[\"flag\"] = gone[\"flag\"] or not future.done()      # the client left mid-stream: stop",
+           "                pass", (SERVE + "test_a_client_that_hangs_up_mid_stream_frees_the_model",),
+           "a client gone mid-stream: its answer runs on and holds the model"),
+    Mutant("serve_body_unbounded", "serve.py", "                if total > max_body:", "                if False:",
+           (SERVE + "test_a_huge_body_is_413_before_it_is_read",), "a chunked body of any size read into memory"),
+    Mutant("serve_no_read_timeout", "serve.py", "            await asyncio.wait_for(read(), timeout)", "            await read()",
+           (SERVE + "test_a_stalled_client_times_out_without_holding_the_model",), "a stalled client holds its slot forever"),
+    Mutant("serve_stop_shown", "support/serving.py", "            self.stopped, self.final = True, full[:cut].rstrip()",
+           "            self.stopped, self.final = True, full.rstrip()",
+           (SERVE + "test_stop_strings_cut_the_answer_across_tokens", SERVE + "test_text_stream_holds_back_a_possible_stop_and_half_characters"),
+           "the stop string (and what follows it) shown to the client"),
+    Mutant("serve_stop_not_held_back", "support/serving.py",
+           "        hold = max((k for s in self.stops for k in range(1, len(s)) if full.endswith(s[:k])), default=0)",
+           "        hold = 0", (SERVE + "test_text_stream_holds_back_a_possible_stop_and_half_characters",),
+           "the start of a stop string streamed before it is known to be one"),
+    Mutant("serve_second_image_taken", "support/serving.py", "            if request.image is not None:\n                raise",
+           "            if False:\n                raise", (SERVE + "test_refusals_are_openai_errors_with_their_status",),
+           "a second image silently replaces the first"),
+    Mutant("serve_remote_url_accepted", "support/serving.py", '    if not url.startswith("data:"):', "    if False:",
+           (SERVE + "test_refusals_are_openai_errors_with_their_status",), "a remote URL taken for a data URL"),
+    Mutant("serve_usage_without_image", "support/serving.py", "        prompt = len(chat.history) - (tokens if kept else 0) + max(image_tokens - 1, 0)",
+           "        prompt = len(chat.history) - (tokens if kept else 0)",
+           (SERVE + "test_an_answer_is_infer_pys_with_usage_and_timing",), "usage counts the image as one token"),
+    Mutant("serve_length_reported_as_stop", "support/serving.py",
+           '        finish = "stop" if stream.stopped or tokens < request.max_tokens else "length"', '        finish = "stop"',
+           (SERVE + "test_length_limit_sampling_seed_and_system",), "a cut answer reported as finished"),
+    Mutant("serve_system_ignored", "support/serving.py", '        request.system = "\\n".join(systems)', "        pass",
+           (SERVE + "test_length_limit_sampling_seed_and_system",), "the client's system message dropped"),
+    Mutant("serve_replay_keeps_the_last_end", "support/chat.py",
+           "        ids = ids[:len(ids) - len(self.tokenizer.encode(END))]     # ask() puts the last <|im_end|> back",
+           "        ids = ids", (SERVE + "test_with_nothing_kept_the_history_is_replayed_to_the_same_answer",),
+           "a replayed history ends with <|im_end|> twice"),
 ]
 
 
