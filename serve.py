@@ -12,7 +12,8 @@ client, chat UIs, evaluation tools) can ask it about an image.
         {"type": "text", "text": "What color is the circle?"},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]}])
 
-Endpoints: POST /v1/chat/completions (streamed or not), GET /v1/models. One model answers one request at
+Endpoints: POST /v1/chat/completions (streamed or not), GET /v1/models, and a page at / to try it in a
+browser (support/page.html: drop an image, ask, see the time to first token split). One model answers one request at
 a time; requests wait in a bounded queue (a full one answers 429 at once). A conversation whose earlier
 turns the server has just answered continues in its kept KV cache and prefills only its new turn
 (support/serving.py). Built on Starlette under uvicorn; the same loading and chat code as infer.py, so
@@ -27,10 +28,12 @@ import json
 import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from support.options import UsageError, check_counts, infer_parser
 
 MIB = 2**20
+PAGE = Path(__file__).resolve().parent / "support" / "page.html"    # the page at /: ask, and see the time split
 
 
 def build_parser():
@@ -80,7 +83,7 @@ def create_app(model, tokenizer, config, name, api_key=None, max_tokens=256, que
                max_body=32 * MIB, timeout=30.0):
     """The Starlette application: one model, one thread answering, a bounded queue in front of it."""
     from starlette.applications import Starlette
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.routing import Route
 
     from support.serving import Cancelled, Conversations, RequestError, now, parse_request
@@ -214,7 +217,13 @@ def create_app(model, tokenizer, config, name, api_key=None, max_tokens=256, que
         return StreamingResponse(chunks(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    app = Starlette(routes=[Route("/v1/models", models), Route("/v1/chat/completions", completions, methods=["POST"])])
+    page_html = PAGE.read_text(encoding="utf-8")
+
+    async def page(request):
+        return HTMLResponse(page_html)
+
+    app = Starlette(routes=[Route("/", page), Route("/v1/models", models),
+                            Route("/v1/chat/completions", completions, methods=["POST"])])
     app.state.pool, app.state.executor = pool, executor
     return app
 
@@ -261,8 +270,6 @@ def main(argv=None):
             import uvicorn
         except ImportError:
             raise UsageError("serve.py needs uvicorn and starlette: pip install -r requirements-serve.txt") from None
-        from pathlib import Path
-
         from support.checkpoint import CheckpointError
         from support.options import DEFAULT_MODEL, load
 

@@ -369,11 +369,14 @@ def quantize_int8(model):
     the embedding one row. The projector and the vision encoder stay as they are: they run once per
     image, bound by compute, not by reading weights."""
     for llm in [m for m in model.modules() if isinstance(m, qwen2.Qwen2)]:
-        for parent in list(llm.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear(child.weight, child.bias))
-                    del child                                          # its float weight can go now
+        # (parent, name) pairs, not the layers themselves: each float layer is freed as soon as it is
+        # replaced, so that loading peaks at the float model plus one layer, not plus the int8 copy
+        targets = [(parent, name) for parent in llm.modules() for name, child in parent.named_children()
+                   if isinstance(child, nn.Linear)]
+        for parent, name in targets:
+            child = getattr(parent, name)
+            setattr(parent, name, Int8Linear(child.weight, child.bias))
+            del child
     return model
 
 

@@ -42,6 +42,7 @@ FASTVLM, REPMIXER, QWEN2 = "tests/test_fastvlm.py", "tests/test_repmixer.py", "t
 SPEEDUPS = "tests/test_speedups.py"
 PRECISION = "tests/test_precision.py::"
 SERVE = "tests/test_serve.py::"
+PAGE = "tests/test_page.py::"
 E2E = FASTVLM + "::test_matches_independent_pipeline"
 TIMM = REPMIXER + "::test_matches_timm_reference_at_256_and_1024"
 PREPROCESS = FASTVLM + "::test_preprocessing_equals_official_image_processor"
@@ -849,6 +850,19 @@ MUTANTS += [
            "        ids = ids[:len(ids) - len(self.tokenizer.encode(END))]     # ask() puts the last <|im_end|> back",
            "        ids = ids", (SERVE + "test_with_nothing_kept_the_history_is_replayed_to_the_same_answer",),
            "a replayed history ends with <|im_end|> twice"),
+    Mutant("page_forgets_the_conversation", "support/page.html",
+           '    messages = [...asked, {role: "assistant", content: text}];', "    messages = [];",
+           (PAGE + "test_a_follow_up_continues_the_conversation",), "a follow-up on the page starts over"),
+    Mutant("page_no_chart", "support/page.html", "        if (chunk.timing) timing = chunk.timing;\n", "",
+           (PAGE + "test_the_page_answers_a_question_about_an_uploaded_image_and_shows_the_time_split",),
+           "the time split never drawn"),
+    Mutant("page_hides_errors", "support/page.html", "    if (!r.ok) { showError(await errorText(r)); turn.remove(); return; }",
+           "    if (!r.ok) { turn.remove(); return; }", (PAGE + "test_server_errors_are_shown_as_messages",),
+           "a refused question leaves the page silent"),
+    Mutant("page_swaps_encoder_and_prefill", "support/page.html",
+           '["vision encoder", timing.encoder_ms, "#2a6"]', '["vision encoder", timing.prefill_ms, "#2a6"]',
+           (PAGE + "test_the_page_answers_a_question_about_an_uploaded_image_and_shows_the_time_split",),
+           "the encoder's bar shows the prefill's time"),
 ]
 
 

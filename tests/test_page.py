@@ -1,0 +1,138 @@
+"""serve.py's page at /, in a real browser: headless Chromium driven by Selenium (Debian's `chromium` and
+`chromium-driver`). It uploads examples/shapes.png, asks, and must show infer.py's answer streamed in,
+then the chart of that answer's time split with four positive figures and the image's token count; a
+follow-up about the same image continues the conversation (the server prefills only its turn).
+
+Under CI (`CI` set, as .ci/run runs) a browser that cannot start fails the test; elsewhere the test
+skips and prints the line that installs one.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import serve
+from support import chat as CH
+from support import loading
+from test_serve import TINY, running
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = ROOT / "examples" / "shapes.png"
+INSTALL = "apt-get install -y chromium chromium-driver"
+pytestmark = pytest.mark.inference
+
+
+def chromium():
+    """A headless Chromium under Selenium, or a skip (outside CI) / failure (in CI) naming the install line."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+
+        driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+        options = webdriver.ChromeOptions()
+        for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,1100"):
+            options.add_argument(flag)
+        binary = shutil.which("chromium") or shutil.which("chromium-browser")
+        if binary:
+            options.binary_location = binary
+        return webdriver.Chrome(service=Service(driver_path), options=options)
+    except Exception as e:      # noqa: BLE001 - whatever stops the browser, the message says how to get one
+        if os.environ.get("CI"):
+            pytest.fail(f"headless Chromium did not start under CI ({type(e).__name__}: {str(e)[:300]})")
+        pytest.skip(f"no headless Chromium here ({type(e).__name__}); install it with: {INSTALL}")
+
+
+@pytest.fixture(scope="module")
+def page():
+    """(browser, the server's URL, the app, the tiny model) for the module."""
+    tiny = loading.load_model(TINY)
+    app = serve.create_app(*tiny, "fastvlm-tiny")
+    pool, answer = app.state.pool, app.state.pool.answer
+    app.state.results = []
+
+    def recorded(*args, **kw):                  # each answer's timing, as the server sent it
+        app.state.results.append(answer(*args, **kw))
+        return app.state.results[-1]
+    pool.answer = recorded
+    browser = chromium()
+    try:
+        with running(app) as url:
+            yield browser, url, app, tiny
+    finally:
+        browser.quit()
+
+
+def ask(browser, question, timeout=60):
+    """Type a question, send it, wait until its answer is complete; returns the answer's text."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    turns = len(browser.find_elements(By.CSS_SELECTOR, "#log .turn"))
+    box = browser.find_element(By.ID, "question")
+    box.send_keys(question)
+    browser.find_element(By.ID, "send").click()
+    WebDriverWait(browser, timeout).until(
+        lambda b: len(b.find_elements(By.CSS_SELECTOR, "#log .turn .a[data-done]")) > turns
+        or b.find_element(By.ID, "error").text)
+    assert browser.find_element(By.ID, "error").text == ""
+    return browser.find_elements(By.CSS_SELECTOR, "#log .turn .a")[-1].text
+
+
+def chart(browser):
+    from selenium.webdriver.common.by import By
+
+    rows = browser.find_elements(By.CSS_SELECTOR, "#bars .row")
+    return {r.get_attribute("data-name"): float(r.get_attribute("data-value")) for r in rows}
+
+
+def fresh(browser, url):
+    """The page loaded anew, its model named, the example image chosen."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url + "/")
+    WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "model").text == "fastvlm-tiny")
+    browser.find_element(By.ID, "file").send_keys(str(SHAPES))
+    WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "preview").is_displayed())
+
+
+def test_the_page_answers_a_question_about_an_uploaded_image_and_shows_the_time_split(page):
+    from selenium.webdriver.common.by import By
+
+    browser, url, app, (model, tokenizer, _) = page
+    fresh(browser, url)
+    answer = ask(browser, "Describe the image.")
+    assert answer == CH.answer(model, tokenizer, SHAPES, "Describe the image.") and len(answer.split()) >= 3
+    figures = chart(browser)
+    sent = app.state.results[-1].timing
+    assert figures == {"preprocess": sent["preprocess_ms"], "vision encoder": sent["encoder_ms"],
+                       "LLM prefill": sent["prefill_ms"], "decode": sent["decode_tokens_per_s"]}
+    assert all(v > 0 for v in figures.values()), figures
+    assert browser.find_element(By.ID, "chart").is_displayed()
+    assert browser.find_element(By.ID, "image-tokens").text == "16"
+
+
+def test_a_follow_up_continues_the_conversation(page):
+    browser, url, app, (model, tokenizer, config) = page
+    fresh(browser, url)
+    ask(browser, "Describe the image.")
+    answer = ask(browser, "How many shapes are there?")
+    chat = CH.Chat(model, tokenizer, CH.load_image(SHAPES), config)
+    chat.ask("Describe the image.")
+    assert answer == chat.ask("How many shapes are there?")
+    assert app.state.pool.last_prefill_tokens == chat.timing.prompt_tokens < 20      # only its own turn
+
+
+def test_server_errors_are_shown_as_messages(page):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, url, app, _ = page
+    fresh(browser, url)
+    browser.find_element(By.ID, "question").send_keys("word " * 9000)
+    browser.find_element(By.ID, "send").click()
+    WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "error").text)
+    assert "context" in browser.find_element(By.ID, "error").text
+    assert browser.find_elements(By.CSS_SELECTOR, "#log .turn") == []
