@@ -8,7 +8,6 @@ skips and prints the line that installs one.
 """
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,28 +15,18 @@ import pytest
 import serve
 from support import chat as CH
 from support import loading
+from screenshot import INSTALL, ask, headless_chromium
 from test_serve import TINY, running
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = ROOT / "examples" / "shapes.png"
-INSTALL = "apt-get install -y chromium chromium-driver"
 pytestmark = pytest.mark.inference
 
 
 def chromium():
     """A headless Chromium under Selenium, or a skip (outside CI) / failure (in CI) naming the install line."""
     try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-
-        driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-        options = webdriver.ChromeOptions()
-        for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,1100"):
-            options.add_argument(flag)
-        binary = shutil.which("chromium") or shutil.which("chromium-browser")
-        if binary:
-            options.binary_location = binary
-        return webdriver.Chrome(service=Service(driver_path), options=options)
+        return headless_chromium()
     except Exception as e:      # noqa: BLE001 - whatever stops the browser, the message says how to get one
         if os.environ.get("CI"):
             pytest.fail(f"headless Chromium did not start under CI ({type(e).__name__}: {str(e)[:300]})")
@@ -62,22 +51,6 @@ def page():
             yield browser, url, app, tiny
     finally:
         browser.quit()
-
-
-def ask(browser, question, timeout=60):
-    """Type a question, send it, wait until its answer is complete; returns the answer's text."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    turns = len(browser.find_elements(By.CSS_SELECTOR, "#log .turn"))
-    box = browser.find_element(By.ID, "question")
-    box.send_keys(question)
-    browser.find_element(By.ID, "send").click()
-    WebDriverWait(browser, timeout).until(
-        lambda b: len(b.find_elements(By.CSS_SELECTOR, "#log .turn .a[data-done]")) > turns
-        or b.find_element(By.ID, "error").text)
-    assert browser.find_element(By.ID, "error").text == ""
-    return browser.find_elements(By.CSS_SELECTOR, "#log .turn .a")[-1].text
 
 
 def chart(browser):
@@ -131,7 +104,8 @@ def test_server_errors_are_shown_as_messages(page):
 
     browser, url, app, _ = page
     fresh(browser, url)
-    browser.find_element(By.ID, "question").send_keys("word " * 9000)
+    browser.execute_script("document.getElementById('question').value = arguments[0]", "word " * 9000)  # typing
+    #                                                    45,000 characters one by one would take minutes
     browser.find_element(By.ID, "send").click()
     WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "error").text)
     assert "context" in browser.find_element(By.ID, "error").text

@@ -275,3 +275,19 @@ def test_decode_bytes_count_what_one_token_reads():
                for m in llm.modules() if isinstance(m, speedups.Int8Linear))
     norms = sum(p.numel() * 4 for n, p in llm.named_parameters() if "norm" in n)
     assert bench.decode_bytes(llm) == int8 + norms and bench.decode_bytes(llm) < every - table + 1
+
+
+@pytest.mark.inference
+def test_quantize_int8_frees_each_float_layer():
+    """Loading with --quantize int8 peaks at the float model plus one layer: nothing keeps the replaced
+    float layers (and their weights) alive. (The tied head's weight is the embedding, which stays.)"""
+    import gc
+    import weakref
+
+    model = small_fastvlm()
+    layers = [weakref.ref(m) for m in model.llm.modules() if isinstance(m, nn.Linear)]
+    weights = [weakref.ref(m.weight) for m in model.llm.modules() if isinstance(m, nn.Linear)
+               and m.weight is not model.llm.embed_tokens.weight]
+    speedups.quantize_int8(model)
+    gc.collect()
+    assert layers and weights and all(r() is None for r in layers + weights)

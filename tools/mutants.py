@@ -782,8 +782,8 @@ MUTANTS += [
            "y = _INT8_MM(h, self.weight, torch.ones_like(self.scales))",
            (PRECISION + "test_int8_linear_is_the_linear_of_its_dequantized_weights",),
            "the decode kernel handed no scales (the prompt path right, every decoded token wrong)"),
-    Mutant("int8_head_left_float", "support/speedups.py", "                if isinstance(child, nn.Linear):",
-           "                if isinstance(child, nn.Linear) and name != \"lm_head\":",
+    Mutant("int8_head_left_float", "support/speedups.py", "                   if isinstance(child, nn.Linear)]",
+           "                   if isinstance(child, nn.Linear) and name != \"lm_head\"]",
            (PRECISION + "test_quantize_int8_converts_the_decoder_and_a_copy_of_the_tied_head",),
            "the output head, the largest single read of a decode step, left in float"),
     Mutant("int8_quantize_not_applied", "support/speedups.py", "        quantize_int8(model)\n", "",
@@ -863,6 +863,10 @@ MUTANTS += [
            '["vision encoder", timing.encoder_ms, "#2a6"]', '["vision encoder", timing.prefill_ms, "#2a6"]',
            (PAGE + "test_the_page_answers_a_question_about_an_uploaded_image_and_shows_the_time_split",),
            "the encoder's bar shows the prefill's time"),
+    Mutant("int8_keeps_float_layers", "support/speedups.py", "            child = getattr(parent, name)\n",
+           "            child = getattr(parent, name)\n            targets.append((child, name))\n",
+           (PRECISION + "test_quantize_int8_frees_each_float_layer",),
+           "the replaced float layers kept alive: loading int8 peaks at the float and the int8 model together"),
 ]
 
 
