@@ -320,7 +320,7 @@ def print_timing(chat, device, startup=None):
     if t.new_tokens > 1 and t.decode > 0:
         lines.append(f"decode: {t.new_tokens} tokens, {(t.new_tokens - 1) / t.decode:.1f} tokens/s")
     lines.append(memory_line(device))
-    precision = getattr(chat.model, "precision", None)        # set by support/options.load: dtype and why
+    precision = getattr(getattr(chat, "model", None), "precision", None)   # set by support/options.load
     if precision is not None:
         lines.append(precision.line())
     print("\n".join(lines), file=sys.stderr)

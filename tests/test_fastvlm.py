@@ -324,7 +324,8 @@ def test_unsupported_config_is_named(small_folder, tmp_path):
 def test_official_checkpoint_answers_through_infer_subprocess(official_folder, official_model):
     run = subprocess.run([sys.executable, str(ROOT / "infer.py"), str(FIXTURES / "e2e_image.png"),
                           "What is in the picture?", "--model", str(official_folder), "--max-new-tokens", "4",
-                          "--timing"], capture_output=True, text=True, timeout=300)
+                          "--timing", "--dtype", "float32"],       # the reference is float32's (auto may be bf16)
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     greedy = load_file(str(FIXTURES / "e2e_reference.safetensors"))["greedy_ids"][:4].tolist()
     assert run.stdout.strip() == official_model[1].decode(greedy).strip()     # the reference's greedy answer

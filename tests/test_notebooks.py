@@ -122,7 +122,7 @@ def test_notebook_1_prints_the_token_table_the_code_computes():
 
 INTERNAL = re.compile(r"\b(seeds?|targets?|prototypes?|feasibility)\b", re.I)
 # "seed" in its random-number sense: a sampling or data seed, a seeded generator
-RANDOM_SEED = re.compile(r"--seed|manual_seed|\bseeded\b|\bseeds? (?:for|of)\b"
+RANDOM_SEED = re.compile(r"--seed|`seed`|manual_seed|\bseeded\b|\bseeds? (?:for|of)\b"   # `seed`: the API's field
                          r"|\b(?:random|same|fixed|sampling|data|another|a|its|the|two) seeds?\b", re.I)
 
 
