@@ -83,7 +83,8 @@ def create_app(model, tokenizer, config, name, api_key=None, max_tokens=256, que
                max_body=32 * MIB, timeout=30.0):
     """The Starlette application: one model, one thread answering, a bounded queue in front of it."""
     from starlette.applications import Starlette
-    from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     from support.serving import Cancelled, Conversations, RequestError, now, parse_request
@@ -149,16 +150,28 @@ def create_app(model, tokenizer, config, name, api_key=None, max_tokens=256, que
         except RequestError as e:
             release()
             return error(e)
+        except ClientDisconnect:        # the client hung up while sending: its place in the queue is freed
+            release()
+            return Response(status_code=499)
+        except BaseException:
+            release()
+            raise
         loop = asyncio.get_running_loop()
         events = asyncio.Queue()
         gone = {"flag": False}
+
+        shown = {"text": ""}
+
+        def on_text(text):              # only what is new: a client that reads slowly holds the answer once
+            if len(text) > len(shown["text"]):
+                delta, shown["text"] = text[len(shown["text"]):], text
+                loop.call_soon_threadsafe(events.put_nowait, ("text", delta))
 
         def job():
             if gone["flag"]:
                 return None
             try:
-                result = pool.answer(parsed, on_text=lambda text: loop.call_soon_threadsafe(events.put_nowait, ("text", text)),
-                                     cancelled=lambda: gone["flag"])
+                result = pool.answer(parsed, on_text=on_text, cancelled=lambda: gone["flag"])
                 loop.call_soon_threadsafe(events.put_nowait, ("done", result))
             except Cancelled:
                 loop.call_soon_threadsafe(events.put_nowait, ("gone", None))
@@ -175,6 +188,8 @@ def create_app(model, tokenizer, config, name, api_key=None, max_tokens=256, que
             try:
                 while True:
                     kind, value = await events.get()
+                    if kind == "text":
+                        continue
                     if kind == "error":
                         return error(value)
                     if kind == "done":
@@ -185,9 +200,15 @@ def create_app(model, tokenizer, config, name, api_key=None, max_tokens=256, que
                 watcher.cancel()
                 if not future.done():
                     gone["flag"] = True
-        first = await events.get()                   # an error before the first token is a plain error response
+        watcher = asyncio.ensure_future(watch_disconnect(request, gone))    # a client gone while it waits
+        try:
+            first = await events.get()               # an error before the first token is a plain error response
+        finally:
+            watcher.cancel()
         if first[0] == "error":
             return error(first[1])
+        if first[0] == "gone":
+            return Response(status_code=499)
 
         async def chunks():
             sent, event = "", first
@@ -195,9 +216,9 @@ def create_app(model, tokenizer, config, name, api_key=None, max_tokens=256, que
                 yield sse(chunk(ident, created, name, {"role": "assistant", "content": ""}))
                 while True:
                     kind, value = event
-                    if kind == "text" and len(value) > len(sent) and value.startswith(sent):
-                        yield sse(chunk(ident, created, name, {"content": value[len(sent):]}))
-                        sent = value
+                    if kind == "text":
+                        yield sse(chunk(ident, created, name, {"content": value}))
+                        sent += value
                     elif kind == "done":
                         if len(value.text) > len(sent):
                             yield sse(chunk(ident, created, name, {"content": value.text[len(sent):]}))

@@ -272,6 +272,12 @@ class Chat:
             self.check_question(question)
         if not exchanges:
             return
+        # Every text of it from its UTF-8 length first, as check_question does for one: a huge earlier
+        # answer is refused before tokenizing it (about 100 bytes of memory per byte of text)
+        size = sum(len(text.encode("utf-8")) for pair in exchanges for text in pair) + len(self.system.encode("utf-8"))
+        if size > NFC_MAX_SHRINK * self.context * longest_token_bytes(self.tokenizer):
+            raise InputError(f"the conversation is {size:,} bytes: more than the model's context of {self.context:,} "
+                             "tokens can hold; start a new conversation")
         ids = conversation_ids(self.tokenizer, exchanges, system=self.system, image=self.image is not None)[0]
         ids = ids[:len(ids) - len(self.tokenizer.encode(END))]     # ask() puts the last <|im_end|> back
         needed = len(ids) + (self.model.vision_tower.cfg.num_tokens() - 1 if self.image else 0)

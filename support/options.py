@@ -193,7 +193,8 @@ class Precision:
     load_seconds: float = 0.0
 
     def line(self):
-        weights = f"int8 decoder weights, the rest in {self.dtype}" if self.quantize else self.dtype
+        weights = (f"int8 decoder weights, decoded with bfloat16 activations; the rest in {self.dtype}"
+                   if self.quantize else self.dtype)
         from support.loading import size_text
 
         return (f"ran in {self.dtype} ({self.why}); weights: {size_text(self.weight_bytes)} ({weights}), "

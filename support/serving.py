@@ -20,8 +20,11 @@ import hashlib
 import io
 import math
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
+
+from PIL import Image
 
 from fastvlm import SYSTEM_PROMPT
 from support.chat import AnswerError, Chat, InputError, decode_image
@@ -50,8 +53,8 @@ class RequestError(Exception):
 class Request:
     exchanges: list                 # [(question, answer)] before the last question
     question: str
-    image: object = None            # PIL image or None
-    image_digest: str = ""          # sha256 of the image's bytes, for matching a kept conversation
+    image_bytes: bytes = None       # the image file, decoded on the model thread only when a new
+    image_digest: str = ""          # conversation needs it; its sha256 matches a kept conversation
     system: str = SYSTEM_PROMPT
     max_tokens: int = 256
     temperature: float = 1.0
@@ -66,6 +69,7 @@ def parse_request(body, served, default_max_tokens=256):
     """The JSON body of POST /v1/chat/completions -> Request; RequestError(400/404) names what is wrong."""
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
+    body = {k: v for k, v in body.items() if v is not None}    # null means "the default", as OpenAI reads it
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise RequestError(400, "'model' is required: the name GET /v1/models lists", "model")
@@ -181,12 +185,12 @@ def text_of(content, where, request, images):
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
         elif kind == "image_url" and images:
-            if request.image is not None:
+            if request.image_bytes is not None:
                 raise RequestError(400, "only one image per conversation: FastVLM was trained with one image",
                                    "messages")
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url      # the object, or a bare string
-            request.image, request.image_digest = image_from_url(url, f"{where}.content[{j}]")
+            request.image_bytes, request.image_digest = image_from_url(url, f"{where}.content[{j}]")
         elif kind == "image_url":
             raise RequestError(400, f"{where}: images go in user messages", "messages")
         else:
@@ -195,8 +199,9 @@ def text_of(content, where, request, images):
 
 
 def image_from_url(url, where):
-    """A data: URL (base64) -> (8-bit RGB image, sha256 of its bytes). Remote URLs are refused: this
-    server fetches nothing."""
+    """A data: URL (base64) -> (the image file's bytes, their sha256), its header checked: an image PIL can
+    open, within PIL's size limit (infer.py's). Remote URLs are refused: this server fetches nothing.
+    The pixels are decoded later, on the model's thread, one image at a time."""
     if not isinstance(url, str) or not url:
         raise RequestError(400, f"{where}: image_url needs a 'url'", "messages")
     if not url.startswith("data:"):
@@ -210,10 +215,20 @@ def image_from_url(url, where):
     except (binascii.Error, ValueError):
         raise RequestError(400, f"{where}: the image's base64 is damaged", "messages") from None
     try:
-        image = decode_image(io.BytesIO(data), f"{where}'s image")
-    except InputError as e:
-        raise RequestError(400, str(e), "messages") from None
-    return image, hashlib.sha256(data).hexdigest()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:            # the header only: format and size
+                width, height = img.size
+    except Image.DecompressionBombError as e:
+        raise RequestError(400, f"{where}'s image is too large to decode safely ({e}); resize it first",
+                           "messages") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise RequestError(400, f"{where}'s image is not a readable image ({e}); send a PNG, JPEG or similar",
+                           "messages") from None
+    if Image.MAX_IMAGE_PIXELS and width * height > 2 * Image.MAX_IMAGE_PIXELS:      # where PIL refuses to decode
+        raise RequestError(400, f"{where}'s image is {width} x {height} pixels, too large to decode safely; "
+                                "resize it first", "messages")
+    return data, hashlib.sha256(data).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -291,8 +306,9 @@ class Conversations:
             self._install(caches, max_len)
             self.replayed = 0
             return chat
+        image = None if request.image_bytes is None else decode_image(io.BytesIO(request.image_bytes), "the image")
         self.model.llm.drop_cache()                     # a new cache: the kept ones stay as they are
-        chat = Chat(self.model, self.tokenizer, request.image, self.config, system=request.system)
+        chat = Chat(self.model, self.tokenizer, image, self.config, system=request.system)
         chat.check_system("the system message")
         chat.replay(request.exchanges)
         self.replayed = chat.pos                        # the earlier turns' tokens, prefilled again
@@ -319,7 +335,9 @@ class Conversations:
         try:
             chat.ask(request.question, max_new_tokens=request.max_tokens, temperature=request.temperature,
                      top_p=request.top_p, seed=request.seed, on_token=on_token, limit="max_tokens")
-        except InputError as e:
+        except InputError as e:        # refused before anything was fed: the conversation is as it was
+            if chat.history:
+                self.kept[self.key(request, request.exchanges)] = (chat, *self._caches())
             raise RequestError(400, str(e), "messages") from None
         except AnswerError as e:
             raise RequestError(500, str(e)) from None

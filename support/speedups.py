@@ -140,6 +140,9 @@ def _count_cpu_attention():
 
 
 FAST_DTYPES = (torch.float32, torch.bfloat16)
+# oneDNN's own test for bfloat16 kernels on this CPU (AVX-512 or newer; torch's mkldnn_linear refuses
+# bfloat16 without it): elsewhere bfloat16 runs the plain ops
+BF16_KERNELS = HAVE_FUSED_OPS and bool(getattr(_OPS, "_is_mkldnn_bf16_supported", lambda: False)())
 
 
 def fast_path(*tensors):
@@ -147,7 +150,7 @@ def fast_path(*tensors):
     float32 or all in bfloat16 (the kernels take one dtype)."""
     given = [t for t in tensors if t is not None]
     return (enabled and HAVE_FUSED_OPS and not torch.is_grad_enabled() and bool(given)
-            and given[0].dtype in FAST_DTYPES
+            and given[0].dtype in FAST_DTYPES and (given[0].dtype == torch.float32 or BF16_KERNELS)
             and all(t.device.type == "cpu" and t.dtype == given[0].dtype for t in given))
 
 
@@ -329,11 +332,12 @@ class Int8Linear(nn.Module):
         W[o, i] ~ scales[o] * q[o, i],  q in [-127, 127],  scales[o] = max_i |W[o, i]| / 127
         y = x W^T + b = (x q^T) * scales + b                              (..., in) -> (..., out)
 
-    Symmetric (no zero point): a row's largest weight is exact, every other is off by at most half a
-    step, scales[o] / 2. The scale is rounded to bfloat16 first and q computed against the rounded
-    scale, so that rounding costs nothing more. The product runs in bfloat16 with float32 accumulation
-    (the kernel's only fast form on the CPU: with float32 activations it measured 30x slower) and the
-    result is cast back to the dtype of x; the bias stays in that dtype too.
+    Symmetric (no zero point): every weight is off by at most half a step, scales[o] / 2. The scale is
+    rounded to bfloat16 first and q computed against the rounded scale, so that rounding costs no more
+    than that. A decode step (up to INT8_MM_ROWS rows, no autograd) runs torch's int8 kernel with
+    bfloat16 activations and float32 accumulation (its only fast form on the CPU: with float32
+    activations it measured 30x slower); more rows, or autograd, multiply the weights converted to the
+    dtype of x. The result is in the dtype of x; the bias stays in that dtype too.
     """
 
     def __init__(self, weight, bias=None):
@@ -350,11 +354,12 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x):                                              # (..., in) -> (..., out)
-        h = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()     # (rows, in)
-        if _INT8_MM is not None and h.device.type == "cpu" and h.shape[0] <= INT8_MM_ROWS:
-            y = _INT8_MM(h, self.weight, self.scales)                  # (rows, out), bfloat16
+        h = x.reshape(-1, self.in_features)                            # (rows, in)
+        if (_INT8_MM is not None and h.device.type == "cpu" and h.shape[0] <= INT8_MM_ROWS
+                and not torch.is_grad_enabled()):                      # (the kernel has no backward)
+            y = _INT8_MM(h.to(torch.bfloat16).contiguous(), self.weight, self.scales.to(torch.bfloat16))
         else:                                                          # x (s * q)^T = (x q^T) * s
-            y = linear(h, self.weight.to(torch.bfloat16)) * self.scales
+            y = linear(h.contiguous(), self.weight.to(h.dtype)) * self.scales.to(h.dtype)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -590,8 +595,8 @@ def apply(model, quantize=None):
     unless `quantize="int8"` asks for the decoder's int8 weights (7., quantize_int8: CPU only).
 
     On CPU: the swaps of CPU_SWAPS, and every FastViTHD's weights stored channels-last. The fused
-    kernels run only for float32 without autograd (fast_path); elsewhere the swapped modules compute
-    their plain forward. Call it after reparameterize(): the swaps fuse what the fused form computes.
+    kernels run only for float32 or bfloat16 without autograd (fast_path); elsewhere the swapped
+    modules compute their plain forward. Call it after reparameterize(): the swaps fuse what the fused form computes.
     On CUDA: the swaps of CUDA_SWAPS (the decode step as a graph, without autograd only). Elsewhere
     (Apple's MPS) nothing is swapped.
     """

@@ -110,3 +110,22 @@ def test_server_errors_are_shown_as_messages(page):
     WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "error").text)
     assert "context" in browser.find_element(By.ID, "error").text
     assert browser.find_elements(By.CSS_SELECTOR, "#log .turn") == []
+
+
+def test_the_page_works_with_an_api_key(page):
+    """With --api-key the page's first request fails (no key yet); once the key is entered the model is
+    named and questions are answered."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, _, _, tiny = page
+    app = serve.create_app(*tiny, "fastvlm-tiny", api_key="s3cret")
+    with running(app) as url:
+        browser.get(url + "/")
+        WebDriverWait(browser, 30).until(lambda b: "API key" in b.find_element(By.ID, "error").text)
+        browser.find_element(By.TAG_NAME, "summary").click()
+        browser.find_element(By.ID, "key").send_keys("s3cret")
+        browser.find_element(By.ID, "file").send_keys(str(SHAPES))
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "preview").is_displayed())
+        assert ask(browser, "What color is the circle?") == "red"
+        assert browser.find_element(By.ID, "model").text == "fastvlm-tiny"

@@ -277,7 +277,10 @@ REFUSED = {
     "no question": ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "alternate"),
     "wrong model": ({"model": "gpt-4o", "messages": [ask("q")]}, 404, "not served here"),
     "max_tokens 0": ({"messages": [ask("q")], "max_tokens": 0}, 400, "max_tokens"),
-    "temperature nan": ({"messages": [ask("q")], "temperature": "hot"}, 400, "temperature"),
+    "temperature not a number": ({"messages": [ask("q")], "temperature": "hot"}, 400, "temperature"),
+    "temperature 3": ({"messages": [ask("q")], "temperature": 3}, 400, "temperature"),
+    "image too large": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": data_url(Image.new("1", (20000, 20000)))}}, {"type": "text", "text": "q"}]}]}, 400, "too large"),
     "too long": ({"messages": [ask("word " * 9000)]}, 400, "context"),
 }
 
@@ -470,3 +473,51 @@ def test_serve_prints_its_url_when_ready_and_answers():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_client_that_hangs_up_while_sending_frees_its_place(tiny):
+    """With room for one request, ten clients that each send half a body and hang up leave the room free."""
+    app = serve.create_app(*tiny, "fastvlm-tiny", queue=1)
+    with running(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(10):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as gone:
+                gone.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+            time.sleep(0.05)
+        time.sleep(0.5)
+        r = client(url).chat.completions.create(model="fastvlm-tiny", temperature=0,
+                                                messages=[ask("What color is the circle?")])
+        assert r.choices[0].message.content
+
+
+def test_null_fields_mean_their_defaults(server, tiny):
+    url, _ = server
+    body = {"model": "fastvlm-tiny", "messages": [ask("What color is the circle?")], "temperature": 0, "top_p": None,
+            "n": None, "stream": None, "max_completion_tokens": None, "max_tokens": 5, "stop": None, "seed": None}
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == api_answer(tiny, "What color is the circle?")[0]
+
+
+def test_a_refused_follow_up_keeps_its_conversation(server, tiny):
+    """A follow-up refused for its length (max_tokens past the context) leaves the kept conversation as it
+    was: the retry still prefills only its own turn."""
+    url, app = server
+    c, pool = client(url), app.state.pool
+    a1 = c.chat.completions.create(model="fastvlm-tiny", messages=[ask("Is there a red square?")], temperature=0)
+    follow = [ask("Is there a red square?"), {"role": "assistant", "content": a1.choices[0].message.content},
+              {"role": "user", "content": "What color is the circle?"}]
+    with pytest.raises(openai.BadRequestError, match="context"):
+        c.chat.completions.create(model="fastvlm-tiny", messages=follow, temperature=0, max_tokens=5000)
+    c.chat.completions.create(model="fastvlm-tiny", messages=follow, temperature=0)
+    assert pool.last_prefill_tokens < 20
+
+
+def test_a_huge_earlier_answer_is_refused_before_it_is_tokenized(server):
+    url, _ = server
+    messages = [ask("Describe the image."), {"role": "assistant", "content": "word " * 400_000},
+                {"role": "user", "content": "And?"}]
+    t = time.monotonic()
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "fastvlm-tiny", "messages": messages}, timeout=60)
+    assert r.status_code == 400 and "conversation is 2,000,0" in r.json()["error"]["message"]
+    assert time.monotonic() - t < 5

@@ -12,8 +12,8 @@ float32 on the same prompt:
     top-5 overlap  of the first token's five most likely ids, the share also in float32's five (mean)
     max |dlogit|   the largest difference of a first-token logit from float32's, over all prompts,
                    relative to the spread (standard deviation) of float32's logits on that prompt
-    greedy equal   of float32's greedy tokens (up to --new-tokens), the share that the variant
-                   reproduces before its first different token (mean over prompts)
+    greedy equal   of float32's greedy tokens (up to --new-tokens, its stop counted as one), the share
+                   that the variant reproduces before its first different token (mean over prompts)
 
 Random weights (--synthetic) lack the large outlier channels that trained weights have, which are
 what makes int8 rounding hard: their figures say the code is right, not how a release behaves. The
@@ -69,9 +69,16 @@ def answer(model, tokenizer, image, question, new_tokens):
     return logits, tokens
 
 
-def compare(reference, other, k=5):
-    """The four figures of one prompt: other's (logits, tokens) against the reference's."""
+STOPPED = -1        # stands for the stop token of an answer that ended before the token limit
+
+
+def compare(reference, other, limit, k=5):
+    """The four figures of one prompt: other's (logits, tokens) against the reference's. An answer that
+    stopped before `limit` tokens ends with STOPPED, so that stopping where the other goes on (or the
+    reverse) is a difference too."""
     (ref_logits, ref_tokens), (logits, tokens) = reference, other
+    ref_tokens = ref_tokens + [STOPPED] * (len(ref_tokens) < limit)
+    tokens = tokens + [STOPPED] * (len(tokens) < limit)
     top_ref, top = set(ref_logits.topk(k).indices.tolist()), set(logits.topk(k).indices.tolist())
     same = 0
     while same < min(len(ref_tokens), len(tokens)) and ref_tokens[same] == tokens[same]:
@@ -97,7 +104,7 @@ def fidelity(folder, n_prompts=50, new_tokens=16, variants=("bfloat16", "int8 (b
         del model
     table = {}
     for name in variants:
-        rows = [compare(r, o) for r, o in zip(results["float32"], results[name])]
+        rows = [compare(r, o, new_tokens) for r, o in zip(results["float32"], results[name])]
         table[name] = {key: (max if key == "dlogit" else mean)([row[key] for row in rows]) for key in rows[0]}
     spread = mean([float(r[0].std()) for r in results["float32"]])
     return table, spread

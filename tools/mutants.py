@@ -791,6 +791,9 @@ MUTANTS += [
             PRECISION + "test_int8_in_chat_and_batch_answers_as_the_api"), "--quantize int8 accepted and ignored"),
     Mutant("int8_not_passed_to_the_loader", "support/options.py", "progress=True, quantize=quantize)", "progress=True)",
            (PRECISION + "test_int8_in_chat_and_batch_answers_as_the_api",), "--quantize lost between the options and the loader"),
+    Mutant("fidelity_stop_not_counted", "tools/fidelity.py", "    tokens = tokens + [STOPPED] * (len(tokens) < limit)\n", "",
+           (PRECISION + "test_fidelity_figures_are_computed_as_documented",),
+           "an answer that goes on where float32's stopped counted as equal"),
     Mutant("fidelity_dlogit_unscaled", "tools/fidelity.py", '"dlogit": float((ref_logits - logits).abs().max() / ref_logits.std()),',
            '"dlogit": float((ref_logits - logits).abs().max()),', (PRECISION + "test_fidelity_figures_are_computed_as_documented",),
            "the logit difference not relative to the spread"),
@@ -867,6 +870,10 @@ MUTANTS += [
            "            child = getattr(parent, name)\n            targets.append((child, name))\n",
            (PRECISION + "test_quantize_int8_frees_each_float_layer",),
            "the replaced float layers kept alive: loading int8 peaks at the float and the int8 model together"),
+    Mutant("serve_slot_leaked_on_hangup", "serve.py",
+           "        except BaseException:           # the client hung up while sending, say: its place in the queue is freed\n            release()\n            raise",
+           "        except RequestError:\n            raise", (SERVE + "test_a_client_that_hangs_up_while_sending_frees_its_place",),
+           "a client gone mid-body keeps its place: after --queue of them every request gets 429"),
 ]
 
 
