@@ -317,3 +317,12 @@ def test_quantize_int8_frees_each_float_layer():
     speedups.quantize_int8(model)
     gc.collect()
     assert layers and weights and all(r() is None for r in layers + weights)
+
+
+def test_int8_on_a_gpu_is_refused_in_one_line(monkeypatch, capsys, photo):
+    """(No GPU here: the device choice is made to say cuda.) Refused before anything is loaded."""
+    monkeypatch.setattr(options, "pick_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    code = infer.main([str(photo), "q", "--quantize", "int8"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "runs on the CPU only" in err and "--dtype bfloat16" in err

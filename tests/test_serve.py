@@ -253,6 +253,9 @@ def test_with_nothing_kept_the_history_is_replayed_to_the_same_answer(tiny):
                   {"role": "user", "content": "How many shapes are there?"}]
         a2 = c.chat.completions.create(model="fastvlm-tiny", messages=follow, temperature=0)
         assert app.state.pool.last_prefill_tokens == a2.usage.prompt_tokens    # the whole conversation again
+        model, tokenizer, _ = tiny                                              # ... which is the chat's own
+        own_turn = len(tokenizer.encode(FV.END) + FV.turn_ids(tokenizer, "How many shapes are there?", first=False))
+        assert a2.usage.prompt_tokens == a1.usage.prompt_tokens + a1.usage.completion_tokens + own_turn
     assert a2.choices[0].message.content == api_answer(tiny, "How many shapes are there?",
                                                        history=["What color is the circle?"])[0]
 
