@@ -1,7 +1,7 @@
 """Do the tests catch real bugs? Plant plausible one-line bugs, one at a time, and run the tests that
 should notice.
 
-    python tools/mutants.py               # every mutant (36 minutes on 2 cores, 2026-12-04)
+    python tools/mutants.py               # every mutant (the first 170: 36 minutes on 2 cores, 2026-12-04)
     python tools/mutants.py --list        # the mutants and the tests each one runs
     python tools/mutants.py rope_start    # some of them, by name
 
