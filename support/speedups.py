@@ -376,9 +376,9 @@ def quantize_int8(model):
     for llm in [m for m in model.modules() if isinstance(m, qwen2.Qwen2)]:
         # (parent, name) pairs, not the layers themselves: each float layer is freed as soon as it is
         # replaced, so that loading peaks at the float model plus one layer, not plus the int8 copy
-        targets = [(parent, name) for parent in llm.modules() for name, child in parent.named_children()
+        places = [(parent, name) for parent in llm.modules() for name, child in parent.named_children()
                    if isinstance(child, nn.Linear)]
-        for parent, name in targets:
+        for parent, name in places:
             child = getattr(parent, name)
             setattr(parent, name, Int8Linear(child.weight, child.bias))
             del child

@@ -870,7 +870,7 @@ MUTANTS += [
            (PAGE + "test_the_page_answers_a_question_about_an_uploaded_image_and_shows_the_time_split",),
            "the encoder's bar shows the prefill's time"),
     Mutant("int8_keeps_float_layers", "support/speedups.py", "            child = getattr(parent, name)\n",
-           "            child = getattr(parent, name)\n            targets.append((child, name))\n",
+           "            child = getattr(parent, name)\n            places.append((child, name))\n",
            (PRECISION + "test_quantize_int8_frees_each_float_layer",),
            "the replaced float layers kept alive: loading int8 peaks at the float and the int8 model together"),
     Mutant("serve_slot_leaked_on_hangup", "serve.py",
