@@ -30,7 +30,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from support.options import UsageError, check_counts, infer_parser
+from support.options import UsageError, check_counts, check_speed_options, infer_parser
 
 MIB = 2**20
 PAGE = Path(__file__).resolve().parent / "support" / "page.html"    # the page at /: ask, and see the time split
@@ -75,8 +75,7 @@ def check_serve_options(args):
         raise UsageError("--timeout must be from 0.1 to 3600 seconds")
     if args.host not in LOCAL and not args.api_key:
         raise UsageError(f"--host {args.host} lets other machines in: pass --api-key KEY too (or serve on 127.0.0.1)")
-    if args.quantize != "none" and args.plain:
-        raise UsageError("--quantize is part of the speed step that --plain leaves out; drop one of them")
+    check_speed_options(args)
 
 
 def create_app(model, tokenizer, config, name, api_key=None, max_tokens=256, queue=64, conversations=8,
@@ -96,6 +95,9 @@ def create_app(model, tokenizer, config, name, api_key=None, max_tokens=256, que
     def error(e):
         return JSONResponse(e.body(), status_code=e.status)
 
+    unauthorized = RequestError(401, "a valid API key is needed: send 'Authorization: Bearer KEY'")
+    too_large = RequestError(413, f"the request body is over {max_body // MIB} MiB; send a smaller image")
+
     def authorized(request):
         if api_key is None:
             return True
@@ -105,7 +107,7 @@ def create_app(model, tokenizer, config, name, api_key=None, max_tokens=256, que
     async def read_body(request):
         size = request.headers.get("content-length")
         if size is not None and (not size.isdigit() or int(size) > max_body):
-            raise RequestError(413, f"the request body is over {max_body // MIB} MiB; send a smaller image")
+            raise too_large
         chunks, total = [], 0
 
         async def read():
@@ -113,7 +115,7 @@ def create_app(model, tokenizer, config, name, api_key=None, max_tokens=256, que
             async for chunk in request.stream():
                 total += len(chunk)
                 if total > max_body:
-                    raise RequestError(413, f"the request body is over {max_body // MIB} MiB; send a smaller image")
+                    raise too_large
                 chunks.append(chunk)
         try:
             await asyncio.wait_for(read(), timeout)
@@ -126,13 +128,13 @@ def create_app(model, tokenizer, config, name, api_key=None, max_tokens=256, que
 
     async def models(request):
         if not authorized(request):
-            return error(RequestError(401, "a valid API key is needed: send 'Authorization: Bearer KEY'"))
+            return error(unauthorized)
         return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": 0,
                                                          "owned_by": "fastvlm-from-scratch"}]})
 
     async def completions(request):
         if not authorized(request):
-            return error(RequestError(401, "a valid API key is needed: send 'Authorization: Bearer KEY'"))
+            return error(unauthorized)
         if state["admitted"] >= queue:
             return error(RequestError(429, f"the server is busy ({queue} requests waiting or being answered); "
                                            "retry in a moment"))
@@ -250,7 +252,8 @@ def create_app(model, tokenizer, config, name, api_key=None, max_tokens=256, que
 
 
 async def watch_disconnect(request, gone):
-    """Set gone["flag"] when the client of a non-streamed request hangs up before its answer."""
+    """Set gone["flag"] when the client hangs up while it waits: for a whole answer, or for a stream's first
+    token (once a stream has begun, Starlette notices a hang-up itself)."""
     while not gone["flag"]:
         if await request.is_disconnected():
             gone["flag"] = True

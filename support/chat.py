@@ -206,15 +206,33 @@ class Chat:
         ids = turn_ids(self.tokenizer, question, first=not self.history, system=self.system, image=self.image is not None)
         if self.history:                                   # the <|im_end|> that closes the answer before it
             ids = self.tokenizer.encode(END) + ids
-        # the one <image> id (in this turn or in the history) stands for all the image's tokens
-        needed = len(self.history) + len(ids) + (self.model.vision_tower.cfg.num_tokens() - 1 if self.image else 0)
+        needed = len(self.history) + len(ids) + self.image_extra()
         if needed + max_new_tokens > self.context:
             raise InputError(f"the conversation needs {needed} + {max_new_tokens} tokens but the model's context "
                              f"is {self.context}; ask a shorter question, lower {limit} or start over")
-        llm = self.model.llm
-        if llm.max_len < needed + max_new_tokens:
-            llm.setup_cache(speedups.cache_length(needed + max_new_tokens, self.context))
+        self.grow_cache(needed + max_new_tokens)
         return ids
+
+    def image_extra(self):
+        """Positions the image takes beyond its one <image> id (in a turn or in the history): its tokens - 1."""
+        return self.model.vision_tower.cfg.num_tokens() - 1 if self.image is not None else 0
+
+    def grow_cache(self, positions):
+        """The KV cache grown, keeping what it holds, to at least `positions` (speedups.cache_length's steps)."""
+        llm = self.model.llm
+        if llm.max_len < positions:
+            llm.setup_cache(speedups.cache_length(positions, self.context))
+
+    def encode_image(self, timing=None):
+        """The image's (1, N, d) embeddings, computed once per conversation (none for a text-only one);
+        `timing` gets the preprocess lap and the encoder's."""
+        if self.image_embeds is None and self.image is not None:
+            model = self.model
+            pixels = speedups.to_pixels(square_rgb(self.image, model.image_size), model.llm.device, model.llm.dtype)
+            if timing is not None:
+                timing.lap("preprocess")
+            self.image_embeds = model.encode_image(pixels, timing=timing)     # (1, N, d)
+        return self.image_embeds
 
     @torch.no_grad()
     def ask(self, question, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, on_token=None,
@@ -224,10 +242,7 @@ class Chat:
         self.check_question(question)                      # before the image is encoded, too
         model, device, t = self.model, self.model.llm.device, Timing()
         t.start(device)
-        if self.image_embeds is None and self.image is not None:
-            pixels = speedups.to_pixels(square_rgb(self.image, model.image_size), device, model.llm.dtype)
-            t.lap("preprocess")
-            self.image_embeds = model.encode_image(pixels, timing=t)   # (1, N, d)
+        self.encode_image(timing=t)
         ids = self.reserve(question, max_new_tokens, limit)
         start_pos = self.pos
         self.history += ids
@@ -280,20 +295,15 @@ class Chat:
                              "tokens can hold; start a new conversation")
         ids = conversation_ids(self.tokenizer, exchanges, system=self.system, image=self.image is not None)[0]
         ids = ids[:len(ids) - len(self.tokenizer.encode(END))]     # ask() puts the last <|im_end|> back
-        needed = len(ids) + (self.model.vision_tower.cfg.num_tokens() - 1 if self.image else 0)
+        needed = len(ids) + self.image_extra()
         if needed + 1 > self.context:
             raise InputError(f"the conversation needs {needed} tokens but the model's context is {self.context}; "
                              "start a new conversation")
-        model, llm = self.model, self.model.llm
-        if self.image is not None:
-            pixels = speedups.to_pixels(square_rgb(self.image, model.image_size), llm.device, llm.dtype)
-            self.image_embeds = model.encode_image(pixels)
-        if llm.max_len < needed + 1:
-            llm.setup_cache(speedups.cache_length(needed + 1, self.context))
-        embeds = model.embed(ids, self.image_embeds if IMAGE_TOKEN_INDEX in ids else None)
-        logits = llm(embeds=embeds, start=0, last_only=True)
+        self.grow_cache(needed + 1)
+        embeds = self.model.embed(ids, self.encode_image() if IMAGE_TOKEN_INDEX in ids else None)
+        logits = self.model.llm(embeds=embeds, start=0, last_only=True)
         if not torch.isfinite(logits).all():
-            raise AnswerError(non_finite_cause(model, "the model produced non-finite logits on the conversation"))
+            raise AnswerError(non_finite_cause(self.model, "the model produced non-finite logits on the conversation"))
         self.history, self.pos = list(ids), embeds.shape[1]
 
 

@@ -72,6 +72,9 @@ class UsageError(Exception):
     pass
 
 
+MAX_SAMPLING_SEED = 2**63 - 1    # torch's generator: infer.py's --seed and serve.py's `seed`
+
+
 def pick_device(name):
     import torch
 
@@ -130,13 +133,12 @@ def check_options(args):
     """infer.py's options that cannot work, before anything is loaded. Its one count without a bound here,
     --max-new-tokens, is bounded by the model's context, which Chat.reserve checks."""
     check_counts((("--max-new-tokens", args.max_new_tokens, 1, None, None),
-                  ("--seed", args.seed, 0, 2**63 - 1, "the range of torch's generator")), UsageError)
+                  ("--seed", args.seed, 0, MAX_SAMPLING_SEED, "the range of torch's generator")), UsageError)
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise UsageError("--temperature must be a finite number >= 0 (0 = greedy)")
     if not 0 < args.top_p <= 1:
         raise UsageError("--top-p must be in (0, 1]")
-    if args.quantize != "none" and args.plain:
-        raise UsageError("--quantize is part of the speed step that --plain leaves out; drop one of them")
+    check_speed_options(args)
     if args.batch is not None:
         if args.image is not None:
             raise UsageError("--batch takes the images and questions from its file; drop the IMAGE argument")
@@ -157,12 +159,18 @@ def check_options(args):
         raise UsageError("the question is empty; ask something about the image, or omit it to chat")
 
 
+def check_speed_options(args):
+    """The speed options infer.py and serve.py share: --quantize is part of the speed step --plain leaves out."""
+    if args.quantize != "none" and args.plain:
+        raise UsageError("--quantize is part of the speed step that --plain leaves out; drop one of them")
+
+
 def load(args):
     """(model, tokenizer, config, device) for infer.py's options; the model is named by --model (or the
     embedded default)."""
     import torch
 
-    from support.loading import load_model
+    from support.loading import load_model, model_bytes
 
     device = pick_device(args.device)
     dtype, why = pick_dtype(args.dtype, device)
@@ -177,7 +185,7 @@ def load(args):
     start = time.perf_counter()
     model, tokenizer, config = load_model(DEFAULT_MODEL if args.model is None else args.model, device=device,
                                           dtype=dtype, fast=not args.plain, progress=True, quantize=quantize)
-    model.precision = Precision(str(dtype).removeprefix("torch."), why, quantize, weight_bytes(model),
+    model.precision = Precision(str(dtype).removeprefix("torch."), why, quantize, model_bytes(model),
                                 time.perf_counter() - start)
     return model, tokenizer, config, device
 
@@ -193,22 +201,16 @@ class Precision:
     load_seconds: float = 0.0
 
     def line(self):
-        weights = (f"int8 decoder weights, decoded with bfloat16 activations; the rest in {self.dtype}"
-                   if self.quantize else self.dtype)
         from support.loading import size_text
 
+        weights = (f"int8 decoder weights, decoded with bfloat16 activations; the rest in {self.dtype}"
+                   if self.quantize else self.dtype)
         return (f"ran in {self.dtype} ({self.why}); weights: {size_text(self.weight_bytes)} ({weights}), "
                 f"loaded in {self.load_seconds:.1f} s")
 
     def record(self):
         return {"dtype": self.dtype, "dtype_why": self.why, "quantize": self.quantize,
                 "weight_mib": round(self.weight_bytes / 2**20, 1), "load_s": round(self.load_seconds, 2)}
-
-
-def weight_bytes(model):
-    """The bytes of a model's weights as they are held: every stored tensor once (a tied head is one)."""
-    unique = {t.data_ptr(): t for t in model.state_dict().values() if t.numel()}
-    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 # ----------------------------------------------------------------------------------------------------

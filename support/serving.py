@@ -28,10 +28,10 @@ from PIL import Image
 
 from fastvlm import SYSTEM_PROMPT
 from support.chat import AnswerError, Chat, InputError, decode_image
+from support.options import MAX_SAMPLING_SEED
 
 MAX_STOP_STRINGS = 4            # as OpenAI's API
 MAX_STOP_CHARS = 256
-MAX_SEED = 2**63 - 1            # torch's generator (infer.py's --seed)
 UNSUPPORTED = {"tools": "tools (function calling)", "tool_choice": "tool_choice", "functions": "functions",
                "function_call": "function_call", "audio": "audio output", "prediction": "predicted outputs"}
 
@@ -95,7 +95,7 @@ def parse_request(body, served, default_max_tokens=256):
     if request.top_p == 0:
         raise RequestError(400, "'top_p' must be in (0, 1]", "top_p")
     seed = body.get("seed")
-    request.seed = None if seed is None else whole(seed, "seed", 0, MAX_SEED)
+    request.seed = None if seed is None else whole(seed, "seed", 0, MAX_SAMPLING_SEED)
     request.stop = stop_strings(body.get("stop"))
     request.stream = flag(body.get("stream", False), "stream")
     options = body.get("stream_options")
@@ -174,7 +174,7 @@ def parse_messages(messages, request):
 
 def text_of(content, where, request, images):
     """A message's content (a string, or a list of text and image_url parts) -> its text; an image part
-    is decoded into request.image."""
+    goes into request.image_bytes (checked, not yet decoded)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -241,8 +241,9 @@ class Cancelled(Exception):
 
 class TextStream:
     """Token ids -> the answer's text as it grows, as Chat.ask returns it (decoded, stripped), cut before
-    the first stop string. `text` is what may be shown so far: whole characters, not a trailing space
-    (the final answer is stripped), and not a tail that could still become a stop string."""
+    the first stop string. add() returns what may be shown so far: whole characters, not a trailing
+    space (the final answer is stripped), and not a tail that could still become a stop string;
+    finish() the whole answer."""
 
     def __init__(self, tokenizer, stops):
         self.tokenizer, self.stops, self.ids, self.stopped = tokenizer, stops, [], False

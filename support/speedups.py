@@ -345,12 +345,13 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.register_buffer("weight", torch.empty(weight.shape, dtype=torch.int8, device=weight.device))
         self.register_buffer("scales", torch.empty(weight.shape[0], dtype=torch.bfloat16, device=weight.device))
-        for rows in torch.arange(weight.shape[0]).split(8192):       # in slices: the head has 151,936 rows
-            w = weight[rows[0]:rows[-1] + 1].detach().float()         # (rows, in)
+        for start in range(0, weight.shape[0], 8192):                 # in slices: the head has 151,936 rows
+            rows = slice(start, start + 8192)
+            w = weight[rows].detach().float()                         # (rows, in)
             scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-30).to(torch.bfloat16)
             q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127)
-            self.weight[rows[0]:rows[-1] + 1] = q.to(torch.int8)
-            self.scales[rows[0]:rows[-1] + 1] = scale
+            self.weight[rows] = q.to(torch.int8)
+            self.scales[rows] = scale
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x):                                              # (..., in) -> (..., out)
@@ -381,7 +382,6 @@ def quantize_int8(model):
         for parent, name in places:
             child = getattr(parent, name)
             setattr(parent, name, Int8Linear(child.weight, child.bias))
-            del child
     return model
 
 

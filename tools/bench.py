@@ -449,22 +449,22 @@ PRECISIONS = {"float32": (torch.float32, None), "bfloat16": (torch.bfloat16, Non
 
 
 def decode_bytes(llm):
-    """Bytes one decode step reads: every weight of the decoder once, except the embedding table, of which
-    it reads one row, unless the output head is that same table (tied, not quantized)."""
-    tensors = {t.data_ptr(): t for t in llm.state_dict().values() if t.numel()}
+    """Bytes one decode step reads: every weight of the decoder once (loading.model_bytes: a tied table
+    counts once), except the embedding table, of which it reads one row, unless the output head is that
+    same table (tied, not quantized)."""
     table = llm.embed_tokens.weight
-    read = sum(t.numel() * t.element_size() for t in tensors.values())
-    return read if llm.lm_head.weight is table else read - table.numel() * table.element_size()
+    read = loading.model_bytes(llm)
+    return read if llm.lm_head.weight is table else read - table[1:].numel() * table.element_size()
 
 
 def load_peak(folder, dtype, quantize):
     """(peak resident bytes that loading added, the loaded weights' bytes), in a fresh process."""
     code = (f"import sys, torch; sys.path[:0] = [{str(ROOT)!r}]\n"
-            "from support import loading, options\nfrom support.chat import peak_rss_mib\n"
+            "from support import loading\nfrom support.chat import peak_rss_mib\n"
             "before = peak_rss_mib()\n"
             f"m, _, _ = loading.load_model({str(folder)!r}, dtype=torch.{str(dtype).removeprefix('torch.')}, "
             f"quantize={quantize!r})\n"
-            "print(int((peak_rss_mib() - before) * 2**20), options.weight_bytes(m))")
+            "print(int((peak_rss_mib() - before) * 2**20), loading.model_bytes(m))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200, check=True)
     peak, weights = map(int, out.stdout.split()[-2:])
     return peak, weights

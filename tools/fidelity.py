@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]                # the model files, when run as a script
 
 import fastvlm as FV  # noqa: E402
-from support import loading, speedups  # noqa: E402
+from support import loading  # noqa: E402
 from support.chat import Chat  # noqa: E402
 
 # name -> load_model's dtype and quantize
@@ -59,9 +59,7 @@ def prompts(n, seed=0):
 def answer(model, tokenizer, image, question, new_tokens):
     """(the first token's logits as float32 (vocab,), the greedy answer's token ids)."""
     chat = Chat(model, tokenizer, image)
-    pixels = speedups.to_pixels(FV.square_rgb(image, model.image_size), "cpu", model.llm.dtype)
-    chat.image_embeds = model.encode_image(pixels)                 # (1, N, d), encoded once for both
-    embeds = model.embed(FV.turn_ids(tokenizer, question, first=True), chat.image_embeds)
+    embeds = model.embed(FV.turn_ids(tokenizer, question, first=True), chat.encode_image())   # kept for ask()
     model.llm.setup_cache(embeds.shape[1] + 1)
     logits = model.llm(embeds=embeds, start=0, last_only=True)[0, -1, :chat.vocab_limit].float()
     tokens = []

@@ -152,21 +152,12 @@ def time_ours(ctx, fast):
            "prefill_ms": med(lambda t: t[0].prefill) * 1e3, "ttft_ms": med(lambda t: t[0].ttft) * 1e3,
            "prompt_tokens": turns[0][0].prompt_tokens, "follow_up_ms": med(lambda t: t[1]) * 1e3,
            "decode_tokens_per_s": (ctx.new - 1) / (many - one),
-           "weight_bytes_per_token": weight_bytes_per_token(model.llm),
+           "weight_bytes_per_token": bench.decode_bytes(model.llm),
            "graphs": sorted(map(str, getattr(model.llm, "_graphs", {}))),          # which steps replayed a graph
            "graphs_failed": getattr(model.llm, "devices", None) == ()}
     if fast:
         out["encoder_layouts"] = encoder_layouts(model, tokenizer, ctx)
     return out
-
-
-def weight_bytes_per_token(llm):
-    """Bytes of weights one decode step reads: every matrix once (a tied embedding is the head), but of an
-    untied embedding only the token's row."""
-    total = sum(p.numel() * p.element_size() for p in llm.parameters())      # a tied tensor counts once
-    if llm.lm_head.weight is not llm.embed_tokens.weight:
-        total -= llm.embed_tokens.weight[1:].numel() * llm.embed_tokens.weight.element_size()
-    return total
 
 
 def encoder_layouts(model, tokenizer, ctx):
