@@ -13,8 +13,10 @@ small: a 1024 px image becomes only 256 tokens, where a ViT-L/14 would make 5,32
 
 This file is the model and what it needs to read a prompt: the official preprocessing (bit-exact), the
 `qwen_2` prompt template (one renderer, for a chat's turns and for training's labels), the projector,
-and the splice of image tokens into the prompt. Reading checkpoint folders, chat state and timing live
-in support/ (support/loading.py builds this model from a folder; support/chat.py asks it questions).
+and the splice of image tokens into the prompt; and, for fine-tuning a released model, the low-rank
+adapter (LoRA) that LLaVA-1.5's recipe trains instead of the decoder's weights. Reading checkpoint
+folders, chat state and timing live in support/ (support/loading.py builds this model from a folder;
+support/chat.py asks it questions; support/adapters.py puts adapters in and reads and writes their files).
 """
 
 import math
@@ -206,3 +208,50 @@ class FastVLM(nn.Module):
         if labels is None:
             return logits, None
         return logits, torch.stack([nn.functional.pad(l, (0, width - l.shape[0]), value=-100) for l in spread])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fine-tuning with low-rank adapters (LoRA: Hu et al., ICLR 2022), as LLaVA-1.5 fine-tunes with them
+# (scripts/v1_5/finetune_lora.sh: r 128, alpha 256, dropout 0.05, on every linear layer of the LLM).
+# ----------------------------------------------------------------------------------------------------
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer W (out, in) plus a learnt update of rank r:
+
+        y = W x + b + (alpha / r) * B A dropout(x)          A: (r, in), B: (out, r), r << in, out
+
+    Full fine-tuning learns all in * out weights of W (and AdamW keeps two moments of each); LoRA learns
+    r * (in + out): for Qwen2-0.5B's q_proj (896 -> 896) at r = 128, 229,376 instead of 802,816, and for
+    all seven projections of its 24 layers 70.4 M instead of 358 M. A starts random and B at zero, so the
+    update B A is zero and training starts from exactly the base model; alpha / r keeps the update's scale
+    the same whatever r is. After training, B A folds into W (`merged`): no extra cost at inference.
+    The names (`base_layer`, `lora_A`, `lora_B`) are PEFT's, so that adapter files keep its key names.
+    """
+
+    def __init__(self, base, r, alpha, dropout=0.0):
+        super().__init__()
+        if not 0 < r <= min(base.in_features, base.out_features):
+            raise ValueError(f"rank {r} is not between 1 and the layer's smaller side, "
+                             f"{min(base.in_features, base.out_features)}")
+        self.base_layer, self.r, self.alpha, self.scaling = base, r, alpha, alpha / r
+        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))   # nn.Linear's own init, as PEFT's
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x):                                          # (..., in) -> (..., out)
+        update = self.lora_B(self.lora_A(self.lora_dropout(x)))    # (..., in) -> (..., r) -> (..., out)
+        return self.base_layer(x) + self.scaling * update
+
+    @torch.no_grad()
+    def merged(self):
+        """The plain nn.Linear with W + (alpha / r) B A: the same function in eval mode (no dropout)."""
+        base = self.base_layer
+        delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())   # (out, r) @ (r, in)
+        layer = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                          device=base.weight.device, dtype=base.weight.dtype)
+        layer.weight.copy_(base.weight.float() + delta)
+        if base.bias is not None:
+            layer.bias.copy_(base.bias)
+        return layer

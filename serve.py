@@ -40,7 +40,7 @@ def build_parser():
     infer = infer_parser(__doc__)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for action in infer._actions:           # infer.py's model, device, dtype and speed options, as they are
-        if action.dest in ("model", "device", "dtype", "quantize", "plain"):
+        if action.dest in ("model", "adapter", "device", "dtype", "quantize", "plain"):
             p._add_action(action)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; anything but 127.0.0.1/localhost/::1 needs --api-key (default: %(default)s)")

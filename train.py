@@ -7,7 +7,16 @@
                  and LLM (Qwen2); a model built from scratch must first learn to see and to write, which
                  this stage does on captions before the paper's stages run (the tiny model's recipe).
 AdamW, cosine decay after 3 % linear warm-up, gradient accumulation, gradient clipping, bf16 autocast on
-CUDA and fp32 on CPU; every default can be overridden on the command line.
+CUDA and fp32 on CPU (--dtype); every default can be overridden on the command line.
+
+LoRA (--lora R, fastvlm.LoRALinear), LLaVA-1.5's recipe for fine-tuning on a small budget (scripts/v1_5/
+finetune_lora.sh: r 128, alpha 256, dropout 0.05, lr 2e-4 for the adapters and 2e-5 for the projector): the
+decoder's attention and MLP projections are frozen and learn through low-rank adapters at --lora-lr; the
+stage's other parts learn in full at the stage's lr; the rest stays frozen. With --stage 2 and --freeze
+vision_tower that is LLaVA-1.5's recipe exactly (FastVLM's stage 2 also trains the encoder). The run writes
+the adapters alone (PEFT's files, `infer.py --model BASE --adapter RUN`), or with --merge the merged model.
+--dtype bfloat16 keeps the frozen weights in bf16 (half the memory) and computes under bf16 autocast; what
+learns, and AdamW's moments, stay fp32.
 
 Data: LLaVA's conversation format (a JSON list of {"id", "image", "conversations": [{"from": "human",
 "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}) plus an image folder; multi-turn; the
@@ -48,6 +57,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import fastvlm as FV
 from support import training
 from support.options import train_parser
 
@@ -60,14 +70,19 @@ STAGES = {  # which parts learn, and the peak learning rate (Sec. 4.1; LLaVA-1.5
 }
 
 
-def set_trainable(model, stage, bn_train):
-    """The stage's parts learn (and run in train mode); the others are frozen (and run in eval mode).
-    `bn_train`: whether the encoder's BatchNorms learn batch statistics (from scratch only)."""
+def set_trainable(model, stage, bn_train, freeze=()):
+    """The stage's parts learn (and run in train mode) unless `freeze` names them; the others are frozen
+    (and run in eval mode). A part that holds LoRA adapters learns through them alone: its own weights
+    stay as they are. `bn_train`: whether the encoder's BatchNorms learn batch statistics (from scratch)."""
     parts, _ = STAGES[stage]
     for name in ("vision_tower", "mm_projector", "llm"):
         module = getattr(model, name)
-        learn = name in parts
-        module.requires_grad_(learn)
+        learn = name in parts and name not in freeze
+        lora = [m for m in module.modules() if isinstance(m, FV.LoRALinear)]
+        module.requires_grad_(learn and not lora)
+        for m in lora:                              # only A and B: W x + (alpha / r) B A x
+            m.lora_A.requires_grad_(learn)
+            m.lora_B.requires_grad_(learn)
         module.train(learn)
     if not bn_train:   # BatchNorm on running statistics (see the module docstring)
         for m in model.vision_tower.modules():
@@ -147,14 +162,16 @@ def train(args, world=1, rank=0):
     run = training.Run(args, world, rank, STAGES, answer_loss)
     model = run.distribute(set_trainable)           # the stage's parts learn; DDP or FSDP across processes
     lr = args.lr if args.lr is not None else STAGES[args.stage][1]
-    optimizer = torch.optim.AdamW(run.params, lr=lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    groups = [{"params": run.full_params, "lr": lr}, {"params": run.adapter_params, "lr": args.lora_lr}]  # LoRA: 2e-4
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999),
+                                  weight_decay=args.weight_decay)
     warmup = max(1, round(args.warmup * run.total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, run.total_steps, warmup))
     run.start(optimizer, scheduler)                 # with --resume: optimizer, schedule, RNG, step as they were
 
     with run.guard():                               # Ctrl-C saves; a failed new run leaves --out as it was
         for batches in run.steps():                 # one optimizer step: grad-accum micro-batches
-            with run.autocast:                      # bf16 on CUDA, fp32 on CPU
+            with run.autocast:                      # --dtype: bf16 autocast, or none
                 loss = step_loss(model, batches, args.loss_average, world)
             grad_norm = torch.nn.utils.clip_grad_norm_(run.params, args.clip)
             grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP: a DTensor

@@ -164,12 +164,13 @@ def new_file_mode():
     return 0o666 & ~mask
 
 
-def write_safetensors(tensors, path):
+def write_safetensors(tensors, path, metadata=None):
     """name -> tensor into one safetensors file at `path`, with the mode of the folder's other files
-    (safetensors alone writes its files readable by their owner only, 0o600)."""
+    (safetensors alone writes its files readable by their owner only, 0o600); `metadata`: more
+    string -> string entries for the file's header."""
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {})})
     os.chmod(path, new_file_mode())
 
 

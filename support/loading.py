@@ -27,7 +27,7 @@ from tqdm import tqdm
 import fastvlm as FV
 import qwen2
 import repmixer
-from support import speedups
+from support import adapters, speedups
 from support import tokenizer as tokenizer_files
 from support.checkpoint import CheckpointError, iter_safetensors, load_exact, read_safetensors, safetensors_headers
 
@@ -36,7 +36,7 @@ PROJECTOR_PREFIX = "model.mm_projector."
 
 
 def load_model(name, device="cpu", dtype=torch.float32, fold_batchnorm=True, fast=True, progress=False,
-               quantize=None):
+               quantize=None, adapter=None):
     """(model, tokenizer, config dict) from a FastVLM folder in any supported layout, or a Hugging Face
     repo id (`apple/FastVLM-0.5B`) found in the local cache (see resolve_model); `progress` shows a bar
     while the tensors load.
@@ -46,6 +46,9 @@ def load_model(name, device="cpu", dtype=torch.float32, fold_batchnorm=True, fas
     (unless `fast=False`); train.py keeps the stored form and the plain modules (`fold_batchnorm=False`,
     which also leaves out the speed step: a model to train stays plain, whatever `fast` says).
     `quantize="int8"` gives the decoder int8 weights in that step (speedups.quantize_int8).
+    `adapter`: a LoRA adapter folder (train.py --lora, or PEFT) put on the model unmerged, refused in one
+    line when made for other weights (support/adapters.py); with `quantize` it is merged first, since
+    int8 weights cannot take a float update beside them at the same cost.
     """
     if quantize is not None and not (fast and fold_batchnorm):
         raise ValueError("quantize is part of the speed step: it needs fast=True and fold_batchnorm=True")
@@ -95,6 +98,10 @@ def load_model(name, device="cpu", dtype=torch.float32, fold_batchnorm=True, fas
 
     load_exact(model, by_our_names(stream()), where=part_of, file_names=shown)
     model.layout = layout.name
+    if adapter is not None:
+        adapters.load_adapter(model, adapter, lambda key: layout.theirs(key, vision_cfg), folder, dtype)
+        if quantize is not None:
+            adapters.merge_lora(model)
     model.eval()                                        # already on `device`: allocated there
     if fold_batchnorm:
         model.vision_tower.reparameterize()             # the ConvFFN BatchNorms fold into their convs

@@ -27,6 +27,10 @@ def infer_parser(description):
     p.add_argument("--model", default=None,
                    help="FastVLM folder or Hugging Face repo id (ORG/NAME) "
                         f"(default: the embedded {DEFAULT_MODEL.name})")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter folder (train.py --lora, or PEFT's) for --model, applied without merging; "
+                        "refused if it was made for other weights; with --quantize int8 it is merged first "
+                        "(default: none)")
     p.add_argument("--batch", type=Path, default=None, metavar="JSONL",
                    help="answer every question of this file, one JSON object per line (default: none, "
                         "one question about IMAGE)")
@@ -184,7 +188,8 @@ def load(args):
     torch.set_grad_enabled(False)
     start = time.perf_counter()
     model, tokenizer, config = load_model(DEFAULT_MODEL if args.model is None else args.model, device=device,
-                                          dtype=dtype, fast=not args.plain, progress=True, quantize=quantize)
+                                          dtype=dtype, fast=not args.plain, progress=True, quantize=quantize,
+                                          adapter=args.adapter)
     model.precision = Precision(str(dtype).removeprefix("torch."), why, quantize, model_bytes(model),
                                 time.perf_counter() - start)
     return model, tokenizer, config, device
@@ -228,6 +233,8 @@ MAX_SEED = 2**64 - 1 - MAX_STEPS   # torch's generators take values below 2**64,
 
 def train_parser(description, stages):
     """train.py's command line; every option's help gives its default. `stages`: train.STAGES."""
+    from support.adapters import DECODER_TARGETS
+
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=sorted(stages), required=True,
                    help="which parts learn, and the default learning rate (see above)")
@@ -292,6 +299,31 @@ def train_parser(description, stages):
     p.add_argument("--threads", type=int, help="CPU threads, at most one per CPU (torch.set_num_threads; "
                    "default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the log and the last lines stay)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="bfloat16: the frozen weights stored in bf16 and every product under bf16 autocast, what "
+                        "learns and AdamW's moments in float32; auto = bfloat16 on cuda, and on a cpu with bf16 "
+                        "units (AVX512-BF16, AMX, Arm BF16) for --lora; float32 elsewhere (default: %(default)s)")
+    p.add_argument("--freeze", nargs="+", default=[], choices=["vision_tower", "mm_projector", "llm"],
+                   help="keep these parts frozen although the stage trains them, e.g. vision_tower with --stage 2 "
+                        "--lora for LLaVA-1.5's LoRA recipe (default: none)")
+    lora = p.add_argument_group("LoRA: low-rank adapters instead of the decoder's weights (LLaVA-1.5's "
+                                "scripts/v1_5/finetune_lora.sh)")
+    lora.add_argument("--lora", type=int, default=None, metavar="R",
+                      help="adapters of rank R on the --lora-targets; LLaVA-1.5 uses 128 (default: off, full training)")
+    lora.add_argument("--lora-alpha", type=float, default=None,
+                      help="the update is scaled by alpha / R (default: 2 x R, LLaVA-1.5's 256 for 128)")
+    lora.add_argument("--lora-dropout", type=float, default=0.05,
+                      help="dropout on the adapters' input while training (default: %(default)s, LLaVA-1.5's)")
+    lora.add_argument("--lora-targets", default=",".join(DECODER_TARGETS),
+                      help="comma-separated names of the linear layers that get adapters, each matching a layer's "
+                           "name or its end; mm_projector.0 and mm_projector.2 adapt the projector (default: "
+                           "%(default)s, every linear layer of the decoder, as LLaVA-1.5)")
+    lora.add_argument("--lora-lr", type=float, default=2e-4,
+                      help="peak learning rate of the adapters; the parts trained in full keep --lr "
+                           "(default: %(default)s, LLaVA-1.5's)")
+    lora.add_argument("--merge", action="store_true",
+                      help="write the base model with the adapters merged in, in the base's own layout, instead of "
+                           "the adapter files (default: off)")
     return p
 
 
@@ -362,6 +394,7 @@ def check_arguments(args):
                         "decay of itself every step)")
     if args.image_sizes:
         read_sizes(args.image_sizes)              # the stride check waits for the model (parse_sizes)
+    check_lora_arguments(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; choose a folder")
@@ -372,6 +405,41 @@ def check_arguments(args):
         raise DataError(f"--out {out} is under {parent}, which is a file; choose a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise DataError(f"--out {out}: {parent} is not writable; choose a folder you can write to")
+
+
+def check_lora_arguments(args):
+    """--lora and its options, before anything loads (a rank larger than a layer waits for the model)."""
+    from support.adapters import DECODER_TARGETS
+
+    if args.lora is None:
+        given = [name for name, value, default in (("--lora-alpha", args.lora_alpha, None),
+                 ("--lora-dropout", args.lora_dropout, 0.05), ("--lora-lr", args.lora_lr, 2e-4),
+                 ("--lora-targets", args.lora_targets, ",".join(DECODER_TARGETS)), ("--merge", args.merge, False))
+                 if value != default]
+        if given:
+            raise DataError(f"{given[0]} sets up LoRA adapters: add --lora R (e.g. --lora 8), or leave it out")
+        return
+    if args.lora < 1:
+        raise DataError(f"--lora {args.lora}: the adapters' rank must be at least 1 (LLaVA-1.5 uses 128)")
+    if args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora
+    if not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        raise DataError("--lora-alpha must be a finite number > 0 (the update is scaled by alpha / R)")
+    if not 0 <= args.lora_dropout < 1:
+        raise DataError("--lora-dropout is a probability: a number from 0 up to (not including) 1")
+    if not (math.isfinite(args.lora_lr) and args.lora_lr > 0):
+        raise DataError("--lora-lr must be a finite number > 0")
+    targets = [t.strip() for t in args.lora_targets.split(",")]
+    if not all(targets):
+        raise DataError(f"--lora-targets {args.lora_targets!r}: give layer names separated by commas, e.g. q_proj,v_proj")
+    args.lora_targets = ",".join(targets)
+    if args.init == "scratch" or args.init_llm or args.init_vision:
+        raise DataError("--lora adapts a trained FastVLM: give it with --init FOLDER (or a Hub name)")
+    if args.fsdp:
+        raise DataError("--fsdp with --lora is not supported: the adapters and their optimizer state are small, so "
+                        "leave out --fsdp (DDP) and, for a large base, add --dtype bfloat16")
+    if args.image_sizes:
+        raise DataError("--image-sizes with --lora is not supported: adapters are trained at the base model's size")
 
 
 def plan_steps(args, n_records, world):

@@ -38,7 +38,7 @@ import torch.distributed as dist
 import fastvlm as FV
 import qwen2
 import repmixer
-from support import loading
+from support import adapters, loading, speedups
 from support.chat import Chat, InputError, load_image
 from support.checkpoint import CheckpointError, write_errno, write_safetensors
 from support.llava_data import Dataset, StepBatches, collate, load_datasets, load_records, size_at
@@ -89,6 +89,9 @@ def initialise(args, records):
             corpus = corpus + load_records(extra)
         model, tokenizer = build_scratch(corpus)
         return model, tokenizer, True, 0
+    if args.init and args.lora:         # the base as infer.py reads it: its files, whatever run made them
+        model, tokenizer, _ = loading.load_model(args.init, fold_batchnorm=False)
+        return model, tokenizer, False, 0
     if args.init:
         folder = Path(args.init)
         if (folder / STATE).is_file():
@@ -166,17 +169,89 @@ def write_failure(e, doing, out):
     return TrainingError(f"{problem} while {doing}; {fix} and rerun{kept}")
 
 
-def save_checkpoint(out, model, tokenizer, config, state):
-    """Write config + safetensors + tokenizer + training state to a temporary folder, then swap it in.
+def write_model(model, tokenizer, config):
+    """The writer of a full checkpoint: config + safetensors (official layout) + tokenizer, into a folder."""
+    def write(folder):
+        write_safetensors(export_tensors(model), folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        loading.save_tokenizer(tokenizer, folder)
+    return write
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA (--lora): the base model, its adapters, and what a run writes.
+# ----------------------------------------------------------------------------------------------------
+
+def lora_base(name):
+    """What identifies --init's base model: the name given, its folder, layout and files' sha256."""
+    folder = Path(loading.resolve_model(name)).resolve()
+    return {"name": str(name), "folder": str(folder), "layout": loading.model_config(folder)[0].name,
+            "sha256": adapters.fingerprint(folder)}
+
+
+def their_names(base, vision_cfg):
+    """our tensor name -> the base layout's name."""
+    layout = {"llava": loading.LLAVA, "fast_vlm": loading.FAST_VLM}[base["layout"]]
+    return lambda key: layout.theirs(key, vision_cfg)
+
+
+def full_parts(model):
+    """The parts that learn in full, not through adapters (written beside the adapters)."""
+    return [part for part in ("vision_tower", "mm_projector", "llm")
+            if any(p.requires_grad for p in getattr(model, part).parameters())
+            and not any(isinstance(m, FV.LoRALinear) for m in getattr(model, part).modules())]
+
+
+def write_lora(model, lora):
+    """The writer of a LoRA run: PEFT's adapter files, or (`lora["merge"]`) the merged model in the base's
+    layout: every file of the base copied, the tensors of its weight files rewritten under their stored
+    names and dtypes, each adapted weight W read from the base's files (not from a bf16 copy) plus
+    (alpha / r) B A, and the parts trained in full as they are now."""
+    base = lora["base"]
+    theirs = their_names(base, model.vision_tower.cfg)
+
+    def write(folder):
+        if not lora["merge"]:
+            adapters.write_adapter(folder, model, theirs, base["name"], base["sha256"], lora["r"], lora["alpha"],
+                                   lora["dropout"], full_parts(model))
+            return
+        from safetensors import safe_open
+
+        from support.checkpoint import safetensors_files
+
+        source = Path(base["folder"])
+        layers, trained = adapters.lora_layers(model), set(full_parts(model))
+        current = model.state_dict()
+        ours = {theirs(k.replace(".base_layer.", ".")): k.replace(".base_layer.", ".") for k in current
+                if ".lora_" not in k}
+        for path in source.iterdir():         # config, tokenizer, index: as they are
+            if path.is_file() and path.suffix != ".safetensors" and path.name not in (STATE, "log.jsonl", "loss.png"):
+                shutil.copy(path, folder / path.name)
+        for path in safetensors_files(source):
+            with safe_open(str(path), framework="pt") as f:
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+            for name, t in tensors.items():
+                key = ours.get(name)
+                module = None if key is None else key.rsplit(".", 1)[0]
+                if module in layers and key.endswith(".weight"):
+                    m = layers[module]
+                    delta = m.scaling * (m.lora_B.weight.detach().float() @ m.lora_A.weight.detach().float())
+                    tensors[name] = (t.float() + delta).to(t.dtype)
+                elif key is not None and key.split(".")[0] in trained:
+                    tensors[name] = current[key].detach().to(t.dtype).contiguous()
+            write_safetensors(tensors, folder / path.name)
+    return write
+
+
+def save_checkpoint(out, write, state):
+    """`write(folder)` (the model's files) + the training state into a temporary folder, then swapped in.
     On any failure the temporary folder is removed and the previous checkpoint stays as it was; a write
     that failed (full disk, quota, file-size limit) becomes one line that says so."""
     out = Path(out)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
-        write_safetensors(export_tensors(model), tmp / "model.safetensors")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        loading.save_tokenizer(tokenizer, tmp)
+        write(tmp)
         with open(tmp / STATE, "wb") as f:   # through a Python file, whose failed write keeps its errno
             torch.save(state, f)
         for extra in ("log.jsonl", "loss.png"):            # keep the run's log beside the newest weights
@@ -388,13 +463,21 @@ class Run:
         self.per_step, self.steps_per_epoch, self.total_steps = plan_steps(args, len(records), world)   # before the model loads
         torch.manual_seed(args.seed)
 
+        self.lora = None
         if args.resume:
             state = load_state(out / STATE)
             if state["stage"] != args.stage:
                 raise DataError(f"--resume: {out} is a stage {state['stage']} run, not stage {args.stage}")
-            model, self.tokenizer = model_from_state(state, out)
+            lora = state.get("lora")
+            if (lora and lora["r"]) != args.lora:
+                raise DataError(f"--resume: {out} was trained " + (f"with --lora {lora['r']}; pass it again" if lora
+                                else "without --lora; resume it without --lora"))
+            if lora:
+                model, self.tokenizer = self.lora_model(lora["base"]["name"], lora, state)
+            else:
+                model, self.tokenizer = model_from_state(state, out)
             self.from_scratch = not state["fused"]
-            self.base_config = loading.read_config(out)
+            self.base_config = {} if lora else loading.read_config(out)
             trim_log(out / "log.jsonl", state.get("prior_steps", 0) + state["step"], out)
             self.init_steps = 0
         else:
@@ -403,30 +486,90 @@ class Run:
             model, self.tokenizer, self.from_scratch, self.init_steps = initialise(args, records)
             self.base_config = loading.read_config(args.init) if (args.init and args.init != "scratch") else {}
             state = None
+            if args.lora:
+                lora = {"r": args.lora, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+                        "targets": args.lora_targets.split(","), "merge": args.merge, "base": lora_base(args.init)}
+                model, self.tokenizer = self.lora_model(model, lora)
         self.state = state
         self.model = self.core = model.to(device)
         bn_train = {"auto": self.from_scratch, "train": True, "eval": False}[args.bn]
-        self.bn_train = bn_train and "vision_tower" in stages[args.stage][0]   # a frozen encoder runs in eval
+        self.bn_train = (bn_train and "vision_tower" in stages[args.stage][0]   # a frozen encoder runs in eval
+                         and "vision_tower" not in args.freeze)
         self.dataset = Dataset(records, None, self.tokenizer, model.image_size, args.max_length)
         self.sampler = torch.utils.data.DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=True,
                                                            seed=args.seed, drop_last=True)
         assert len(self.sampler) == len(records) // world            # what plan_steps counted with
         self.image_sizes = parse_sizes(args.image_sizes, model.vision_tower.cfg) if args.image_sizes else (
             state.get("image_sizes") if state is not None and state.get("image_sizes") else [model.image_size])
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                         else contextlib.nullcontext())     # bf16 autocast on CUDA, fp32 on CPU
         self.step, self.prior_steps, self.progress, self.announced, self.saving = 0, 0, None, False, False
         self.truncated = 0
         # records whose image passed the check at the start but failed to decode (--skip-missing-images): a
         # set, since such a record comes round again every epoch
         self.decode_failed = set(state.get("decode_failed", [])) if state is not None else set()
         self.stop_at = min(self.total_steps, args.stop_after) if args.stop_after else self.total_steps
+        self.dtype = self.pick_dtype()
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if self.dtype == torch.bfloat16
+                         else contextlib.nullcontext())
+
+    def pick_dtype(self):
+        """--dtype: bfloat16 on CUDA; on a CPU for --lora where it has bf16 units (elsewhere bf16 is converted
+        to float32 around every product: slower); float32 otherwise."""
+        choice = self.args.dtype
+        if choice == "auto":
+            fast = self.device.type == "cuda" or (self.lora is not None and speedups.bf16_units())
+            choice = "bfloat16" if fast else "float32"
+        return {"bfloat16": torch.bfloat16, "float32": torch.float32}[choice]
+
+    def lora_model(self, base, lora, state=None):
+        """(model, tokenizer): the base model (loaded here when `base` is its name) with LoRA adapters on
+        lora["targets"]; from a training state, the adapters and the parts trained in full as saved, on a
+        base whose files must be those the run started from."""
+        args = self.args
+        tokenizer = None
+        if not isinstance(base, FV.FastVLM):
+            try:
+                base, tokenizer, _ = loading.load_model(lora["base"]["folder"], fold_batchnorm=False)
+            except CheckpointError as e:
+                raise DataError(f"--resume: the base model of {self.out} cannot be loaded ({e})") from None
+            if adapters.fingerprint(lora["base"]["folder"]) != lora["base"]["sha256"]:
+                raise DataError(f"--resume: the base model {lora['base']['folder']} changed since {self.out} started "
+                                "(the sha256 of its weights differ); restore it, or start a new run with --init")
+        else:
+            base, tokenizer = base, self.tokenizer
+        try:
+            adapters.add_lora(base, lora["r"], lora["alpha"], lora["dropout"], lora["targets"])
+        except adapters.AdapterError as e:
+            raise DataError(f"--lora: {e}") from None
+        if state is not None:
+            trained = state["model"]
+            unknown = set(trained) - set(base.state_dict())
+            if unknown:
+                raise DataError(f"--resume: {self.out}'s training state holds {sorted(unknown)[0]}, which "
+                                "the model has no place for: it was written by another version")
+            base.load_state_dict(trained, strict=False)
+        self.lora = lora
+        return base, tokenizer
 
     def distribute(self, set_trainable):
         """`set_trainable(core, stage, bn_train)` (train.py's: what the stage trains), then activation
         checkpointing and DDP or FSDP as the options ask. Returns the model to call in the loop."""
         args, core = self.args, self.core
-        set_trainable(core, args.stage, self.bn_train)
+        set_trainable(core, args.stage, self.bn_train, args.freeze)
+        if self.lora is not None:
+            idle = sorted({name.split(".")[0] for name, m in adapters.lora_layers(core).items()
+                           if not m.lora_A.weight.requires_grad})
+            if idle:
+                raise DataError(f"--lora-targets put adapters in {idle[0]}, which --stage {args.stage} keeps frozen"
+                                f"{' (--freeze)' if idle[0] in args.freeze else ''}; use --stage 2, or other targets")
+        if not any(p.requires_grad for p in core.parameters()):
+            raise DataError(f"--freeze {' '.join(args.freeze)} leaves nothing for --stage {args.stage} to train")
+        if self.dtype == torch.bfloat16:        # the frozen weights in bf16: half their memory
+            for p in core.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
+            for m in core.modules():            # a frozen BatchNorm's statistics with its weights (one dtype)
+                if isinstance(m, torch.nn.BatchNorm2d) and m.weight is not None and not m.weight.requires_grad:
+                    m.to(torch.bfloat16)
         self.checkpointed = use_grad_checkpoint(core, self.bn_train) if args.grad_checkpoint else 0
         if self.world > 1 and self.bn_train and self.device.type == "cuda":
             core = self.core = torch.nn.SyncBatchNorm.convert_sync_batchnorm(core)
@@ -439,6 +582,8 @@ class Run:
                 core, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=self.counts["text-only"] > 0)
         self.params = [p for p in self.core.parameters() if p.requires_grad]
+        self.adapter_params = [p for n, p in self.core.named_parameters() if p.requires_grad and ".lora_" in n]
+        self.full_params = [p for n, p in self.core.named_parameters() if p.requires_grad and ".lora_" not in n]
         return self.model
 
     def start(self, optimizer, scheduler):
@@ -479,7 +624,8 @@ class Run:
         loader = torch.utils.data.DataLoader(
             StepBatches(self.dataset, self.sampler, plan, self.step, self.stop_at, pad_id, args.skip_missing_images),
             batch_size=None, num_workers=args.workers, pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if args.workers else None)
+            prefetch_factor=4 if args.workers else None,
+            generator=torch.Generator().manual_seed(args.seed))   # its seed draw leaves torch's RNG (dropout) alone
         batches_ahead = iter(loader)
         while self.step < self.stop_at:
             self.t_data = time.perf_counter()
@@ -537,7 +683,7 @@ class Run:
         args, out, core = self.args, self.out, self.core
         out.mkdir(parents=True, exist_ok=True)
         previous_log = Path(args.init or "") / "log.jsonl"
-        if self.state is None and args.init not in (None, "scratch") and previous_log.is_file():
+        if self.state is None and args.init not in (None, "scratch") and previous_log.is_file() and not self.lora:
             try:                                           # one log (and loss curve) across the stages
                 shutil.copy(previous_log, out / "log.jsonl")
             except OSError as e:
@@ -546,9 +692,13 @@ class Run:
         print(self.summary, file=sys.stderr)
         n = torch.get_num_threads()      # shown when chosen: --threads (else torch's default, machine-dependent)
         threads = f" ({n} thread{'s' if n > 1 else ''})" if args.threads and self.device.type == "cpu" else ""
-        lr = self.optimizer.param_groups[0]["initial_lr"]
+        lr = " and ".join(f"{g['initial_lr']:g}" for g in self.optimizer.param_groups)
+        lora = self.lora
+        lora = (f", LoRA r {lora['r']} alpha {lora['alpha']:g} on {len(adapters.lora_layers(core))} layers "
+                f"({sum(p.numel() for p in self.adapter_params):,} adapter parameters)" if lora else "")
         print(f"stage {args.stage}: training {trainable:,} of {sum(p.numel() for p in core.parameters()):,} "
-              f"parameters, {self.total_steps} steps of {self.per_step * self.world} samples, lr {lr:g}, "
+              f"parameters{lora}, {self.total_steps} steps of {self.per_step * self.world} samples, lr {lr}, "
+              f"{str(self.dtype).removeprefix('torch.')}, "
               f"{self.world} process(es) on {self.device.type}{threads}, encoder in "
               f"{'training' if self.from_scratch else 'fused'} form, BatchNorm {'train' if self.bn_train else 'eval'}"
               + (f", activation checkpointing in {self.checkpointed} blocks" if self.checkpointed else ""),
@@ -560,7 +710,9 @@ class Run:
 
     def make_state(self, model_state=None, optimizer_state=None):
         core = self.core
-        return {"model": model_state or core.state_dict(),
+        if self.lora is not None:     # what learns; the frozen base is the files named in "lora"
+            model_state = {n: p.detach().clone() for n, p in core.named_parameters() if p.requires_grad}
+        return {"model": model_state or core.state_dict(), "lora": self.lora,
                 "optimizer": optimizer_state or self.optimizer.state_dict(),
                 "optimizer_format": "fsdp" if self.args.fsdp else "plain", "scheduler": self.scheduler.state_dict(),
                 "rng": torch.get_rng_state(), "step": self.step, "prior_steps": self.prior_steps,
@@ -582,8 +734,9 @@ class Run:
         if self.rank == 0:
             args, core = self.args, self.core
             core.vision_tower.cfg = replace(core.vision_tower.cfg, image_size=self.image_size)
-            loss, exact, asked = evaluate(core, self.tokenizer, self.held_out, self.image_size, args.max_length,
-                                          args.batch_size, self.device, self.loss)
+            with self.autocast:
+                loss, exact, asked = evaluate(core, self.tokenizer, self.held_out, self.image_size, args.max_length,
+                                              args.batch_size, self.device, self.loss)
             self.append_log({"stage": args.stage, "step": self.step, "global_step": self.prior_steps + self.step,
                              "eval_loss": loss, "eval_exact": exact, "eval_asked": asked})
             shown = "" if exact is None else f", exact match {exact:.1%} of {asked} short answers"
@@ -612,10 +765,13 @@ class Run:
                     plain = FV.FastVLM(core.vision_tower.cfg, core.llm.cfg, fused=not self.from_scratch)
                 plain = loading.allocate(plain)
                 plain.load_state_dict(model_state)
-                save_checkpoint(out, plain, self.tokenizer, config_dict(plain, self.base_config),
+                save_checkpoint(out, write_model(plain, self.tokenizer, config_dict(plain, self.base_config)),
                                 self.make_state(model_state, optimizer_state))
+            elif self.lora:
+                save_checkpoint(out, write_lora(core, self.lora), self.make_state())
             else:
-                save_checkpoint(out, core, self.tokenizer, config_dict(core, self.base_config), self.make_state())
+                save_checkpoint(out, write_model(core, self.tokenizer, config_dict(core, self.base_config)),
+                                self.make_state())
             if (out / "log.jsonl").is_file():
                 try:
                     plot_losses(out / "log.jsonl", out / "loss.png")

@@ -12,7 +12,7 @@ ROOT = Path(__file__).parent.parent
 FLOORS = {  # as docs/architecture.md draws them
     "repmixer": 0, "qwen2": 0,
     "fastvlm": 1, "support.checkpoint": 1, "support.tokenizer": 1,
-    "support.speedups": 2,
+    "support.speedups": 2, "support.adapters": 2,
     "support.loading": 3, "support.chat": 3,
     "support.options": 4,
     "support.batch": 5, "support.llava_data": 5, "support.serving": 5,

@@ -16,6 +16,8 @@ never in tests. Random weights at the real shapes (tools/synthetic.py), no downl
                                       images, the shipped tiny model): answers per second
     python tools/bench.py serve       serve.py under 1, 8 and 32 concurrent clients: requests/s, TTFT p50/p95,
                                       beside infer.py --batch on the same 50 questions
+    python tools/bench.py lora        fine-tuning FastVLM-0.5B's shapes: full vs LoRA (r 128), float32 vs bfloat16:
+                                      peak memory and samples/s of train.py, each in a fresh process
     add --quick for tiny shapes and one run (the smoke test does this)
 
 Medians over --runs runs after one warm-up. Every table prints the torch version, thread count and
@@ -902,10 +904,66 @@ def bench_batch(args):
     return single_s / batch_s
 
 
+# train.py configurations for `bench.py lora`: stage 2 of the paper in full, and LLaVA-1.5's LoRA recipe
+# (adapters of rank 128 on the decoder, projector in full, encoder frozen), each in float32 and bfloat16.
+LORA_RUNS = (("full, float32", ["--dtype", "float32"]),
+             ("full, bfloat16 autocast", ["--dtype", "bfloat16"]),
+             ("LoRA r 128, float32", ["--lora", "128", "--freeze", "vision_tower", "--dtype", "float32"]),
+             ("LoRA r 128, bfloat16 base", ["--lora", "128", "--freeze", "vision_tower", "--dtype", "bfloat16"]),
+             ("LoRA r 128, bfloat16 base, grad checkpoint",
+              ["--lora", "128", "--freeze", "vision_tower", "--dtype", "bfloat16", "--grad-checkpoint"]))
+
+
+def bench_lora(args):
+    """Peak resident memory and samples/s of `train.py --stage 2` on FastVLM-0.5B's shapes (random weights,
+    1024 px, batch 1), full and LoRA, float32 and bfloat16: each configuration in a fresh process."""
+    import json
+    import tempfile
+
+    from synthetic import LLM_0_5B, SMALL_LLM, write_fastvlm_checkpoint
+
+    tmp = Path(tempfile.mkdtemp())
+    folder = tmp / "fastvlm-0.5b-random"
+    write_fastvlm_checkpoint(folder, SMALL_LLM if args.quick else LLM_0_5B, dtype=torch.bfloat16,
+                             vision_cfg=QUICK_VISION if args.quick else None)
+    steps = 2 if args.quick else 4
+    answer = " ".join(["a red circle and a blue square"] * 6)              # 42 words, about 60 tokens
+    records = [{"id": str(i), "image": "shapes.png", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe the image in detail."}, {"from": "gpt", "value": answer}]}
+        for i in range(steps)]
+    (tmp / "data.json").write_text(json.dumps(records))
+    (tmp / "images").mkdir()
+    (tmp / "images" / "shapes.png").write_bytes((ROOT / "examples" / "shapes.png").read_bytes())
+    print(f"## train.py --stage 2 on FastVLM-0.5B's shapes (random weights), batch 1, {steps} steps\n")
+    print(settings_line() + (", bf16 units: yes" if speedups.bf16_units() else ", bf16 units: no") + "\n")
+    print("| configuration | trained parameters | peak memory | samples/s |\n|---|---|---|---|")
+    for name, extra in LORA_RUNS:
+        extra = [("8" if args.quick and a == "128" else a) for a in extra]      # the toy layers are 64 wide
+        out = tmp / f"run-{len(extra)}-{abs(hash(name))}"
+        code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}]; import train\n"
+                "from support.chat import peak_rss_mib\n"
+                f"rc = train.main({['--stage', '2', '--init', str(folder), '--data', str(tmp / 'data.json'), '--images', str(tmp / 'images'), '--out', str(out), '--batch-size', '1', '--steps', str(steps), '--no-progress', '--max-length', '512'] + extra!r})\n"
+                "print('PEAK', peak_rss_mib(), rc)")
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
+        peak = [line.split() for line in run.stdout.splitlines() if line.startswith("PEAK")]
+        if run.returncode or not peak or peak[0][2] != "0":
+            print(f"| {name} | failed: {(run.stderr.strip().splitlines() or ['?'])[-1]} | | |")
+            continue
+        trained = next((line.split("training ")[1].split(" of ")[0] for line in run.stderr.splitlines()
+                        if "training " in line), "?")
+        rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        rate = statistics.median(r["samples_per_s"] for r in rows[1:] or rows)    # after the first step
+        print(f"| {name} | {trained} | {float(peak[0][1]) / 1024:.1f} GiB | {rate:.2f} |", flush=True)
+        import shutil
+        shutil.rmtree(out, ignore_errors=True)
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["reparam", "encoder", "decoder", "ttft", "breakdown", "probe", "threads", "batch",
-                                    "precision", "serve", "all"])
+                                    "precision", "serve", "lora", "all"])
     p.add_argument("--quick", action="store_true", help="tiny shapes, one run: checks the script runs")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "results"))
@@ -913,7 +971,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     jobs = {"probe": probe, "reparam": bench_reparam, "encoder": bench_encoder, "decoder": bench_decoder,
             "ttft": bench_ttft, "breakdown": bench_breakdown, "threads": bench_threads, "batch": bench_batch,
-            "precision": bench_precision, "serve": bench_serve}
+            "precision": bench_precision, "serve": bench_serve, "lora": bench_lora}
     if args.quick:
         print(QUICK_BANNER + "\n")
     for name in (jobs if args.what == "all" else [args.what]):
