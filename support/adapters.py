@@ -1,7 +1,7 @@
 """LoRA adapters (fastvlm.LoRALinear) put into a FastVLM, merged into it, and kept in files in PEFT's layout.
 
-    add_lora(model, r, alpha, dropout, targets)   each linear layer of the decoder or the projector whose name
-                                                  ends with a target -> a LoRALinear around it; their names
+    add_lora(model, r, alpha, dropout, names)     each linear layer of the decoder or the projector whose name
+                                                  ends with one of `names` -> a LoRALinear around it
     merge_lora(model)                             each LoRALinear -> its merged nn.Linear (W + alpha / r B A)
     write_adapter(folder, model, theirs, ...)     adapter_config.json + adapter_model.safetensors
     load_adapter(model, folder, theirs, base)     those files into a loaded base model, checked against it
@@ -29,9 +29,9 @@ import torch.nn as nn
 import fastvlm as FV
 from support.checkpoint import CheckpointError, safetensors_files, write_safetensors
 
-# LLaVA-1.5's targets (llava/train/train.py, find_all_linear_names): every linear layer of the language
+# The layers LLaVA-1.5 adapts (llava/train/train.py, find_all_linear_names): every linear layer of the language
 # model but its output head; in Qwen2 the attention's four projections and the MLP's three.
-DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DECODER_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 ADAPTABLE = ("llm", "mm_projector")          # the parts whose linear layers may carry adapters
 PREFIX = "base_model.model."
@@ -42,9 +42,9 @@ class AdapterError(CheckpointError):
     """An adapter that cannot be made or applied; the message says why and what to do."""
 
 
-def matches(name, target):
-    """PEFT's rule for a list of target names: the module's whole name, or its last dotted parts."""
-    return name == target or name.endswith("." + target)
+def matches(name, wanted):
+    """PEFT's rule for a list of module names: the module's whole name, or its last dotted parts."""
+    return name == wanted or name.endswith("." + wanted)
 
 
 def adaptable(model):
@@ -54,17 +54,17 @@ def adaptable(model):
             if type(m) is nn.Linear and name.split(".")[0] in ADAPTABLE and name != "llm.lm_head"}
 
 
-def add_lora(model, r, alpha, dropout=0.0, targets=DECODER_TARGETS, name_of=None):
-    """Wrap every adaptable linear layer whose name matches a target in a LoRALinear, in place; returns
-    their (our) names. `name_of` maps our module names to those the targets are written in (an adapter
-    file's base layout); every target must match at least one layer."""
+def add_lora(model, r, alpha, dropout=0.0, names=DECODER_LAYERS, name_of=None):
+    """Wrap every adaptable linear layer whose name matches one of `names` in a LoRALinear, in place;
+    returns their (our) names. `name_of` maps our module names to those `names` are written in (an
+    adapter file's base layout); each of `names` must match at least one layer."""
     name_of = name_of or (lambda name: name)
     layers = adaptable(model)
-    chosen = {name: m for name, m in layers.items() if any(matches(name_of(name), t) for t in targets)}
-    for t in targets:
+    chosen = {name: m for name, m in layers.items() if any(matches(name_of(name), t) for t in names)}
+    for t in names:
         if not any(matches(name_of(name), t) for name in layers):
-            raise AdapterError(f"LoRA target {t!r} matches no linear layer of the decoder or the projector; "
-                               f"use names such as {', '.join(DECODER_TARGETS)}, mm_projector.0, mm_projector.2")
+            raise AdapterError(f"LoRA layer name {t!r} matches no linear layer of the decoder or the projector; "
+                               f"use names such as {', '.join(DECODER_LAYERS)}, mm_projector.0, mm_projector.2")
     for name, layer in chosen.items():
         if not 0 < r <= min(layer.in_features, layer.out_features):
             raise AdapterError(f"LoRA rank {r}: {name} maps {layer.in_features} -> {layer.out_features} features, "
@@ -182,11 +182,11 @@ def read_adapter(folder):
         if config.get(field, allowed[0]) not in allowed:
             raise AdapterError(f"{folder / CONFIG}: {field} = {config[field]!r} is not supported here (plain LoRA "
                                f"only); merge the adapter with PEFT and pass the merged model as --model")
-    r, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
+    r, alpha, modules = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
     if not (isinstance(r, int) and r > 0 and isinstance(alpha, (int, float)) and math.isfinite(alpha)
-            and isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
+            and isinstance(modules, list) and modules and all(isinstance(t, str) for t in modules)):
         raise AdapterError(f"{folder / CONFIG}: r, lora_alpha or target_modules is missing or not valid (r {r!r}, "
-                           f"lora_alpha {alpha!r}, target_modules {targets!r}); the adapter is damaged: write it again")
+                           f"lora_alpha {alpha!r}, target_modules {modules!r}); the adapter is damaged: write it again")
     path = folder / WEIGHTS
     if not path.is_file():
         pickled = (folder / "adapter_model.bin").is_file()
@@ -233,17 +233,17 @@ def load_adapter(model, folder, theirs, base_folder, dtype=None):
         name = key.removeprefix(PREFIX)
         module, _, kind = name.rpartition(".lora_")
         if kind in ("A.weight", "B.weight") and module in layers:
-            target = f"{layers[module]}.lora_{kind}"
+            place = f"{layers[module]}.lora_{kind}"
         else:
-            target = ours.get(name)
-        if not key.startswith(PREFIX) or target not in own:
+            place = ours.get(name)
+        if not key.startswith(PREFIX) or place not in own:
             raise AdapterError(f"{folder / WEIGHTS}: tensor '{key}' has no place in {base_folder}'s model; the "
                                f"adapter is for {base}")
-        if tuple(own[target].shape) != tuple(value.shape) or value.is_floating_point() != own[target].is_floating_point():
+        if tuple(own[place].shape) != tuple(value.shape) or value.is_floating_point() != own[place].is_floating_point():
             raise AdapterError(f"{folder / WEIGHTS}: '{key}' has shape {tuple(value.shape)} ({value.dtype}) where "
-                               f"the model holds {tuple(own[target].shape)}; the adapter is for {base}, or damaged")
-        own[target].copy_(value)
-        filled.add(target)
+                               f"the model holds {tuple(own[place].shape)}; the adapter is for {base}, or damaged")
+        own[place].copy_(value)
+        filled.add(place)
     for name, m in lora_layers(model).items():
         for kind in ("lora_A", "lora_B"):
             if f"{name}.{kind}.weight" not in filled:

@@ -233,7 +233,7 @@ MAX_SEED = 2**64 - 1 - MAX_STEPS   # torch's generators take values below 2**64,
 
 def train_parser(description, stages):
     """train.py's command line; every option's help gives its default. `stages`: train.STAGES."""
-    from support.adapters import DECODER_TARGETS
+    from support.adapters import DECODER_LAYERS
 
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=sorted(stages), required=True,
@@ -303,18 +303,18 @@ def train_parser(description, stages):
                    help="bfloat16: the frozen weights stored in bf16 and every product under bf16 autocast, what "
                         "learns and AdamW's moments in float32; auto = bfloat16 on cuda, and on a cpu with bf16 "
                         "units (AVX512-BF16, AMX, Arm BF16) for --lora; float32 elsewhere (default: %(default)s)")
-    p.add_argument("--freeze", nargs="+", default=[], choices=["vision_tower", "mm_projector", "llm"],
+    p.add_argument("--freeze", nargs="+", default=None, choices=["vision_tower", "mm_projector", "llm"],
                    help="keep these parts frozen although the stage trains them, e.g. vision_tower with --stage 2 "
                         "--lora for LLaVA-1.5's LoRA recipe (default: none)")
     lora = p.add_argument_group("LoRA: low-rank adapters instead of the decoder's weights (LLaVA-1.5's "
                                 "scripts/v1_5/finetune_lora.sh)")
     lora.add_argument("--lora", type=int, default=None, metavar="R",
-                      help="adapters of rank R on the --lora-targets; LLaVA-1.5 uses 128 (default: off, full training)")
+                      help="adapters of rank R on the --lora-layers; LLaVA-1.5 uses 128 (default: off, full training)")
     lora.add_argument("--lora-alpha", type=float, default=None,
                       help="the update is scaled by alpha / R (default: 2 x R, LLaVA-1.5's 256 for 128)")
     lora.add_argument("--lora-dropout", type=float, default=0.05,
                       help="dropout on the adapters' input while training (default: %(default)s, LLaVA-1.5's)")
-    lora.add_argument("--lora-targets", default=",".join(DECODER_TARGETS),
+    lora.add_argument("--lora-layers", default=",".join(DECODER_LAYERS),
                       help="comma-separated names of the linear layers that get adapters, each matching a layer's "
                            "name or its end; mm_projector.0 and mm_projector.2 adapt the projector (default: "
                            "%(default)s, every linear layer of the decoder, as LLaVA-1.5)")
@@ -409,12 +409,13 @@ def check_arguments(args):
 
 def check_lora_arguments(args):
     """--lora and its options, before anything loads (a rank larger than a layer waits for the model)."""
-    from support.adapters import DECODER_TARGETS
+    from support.adapters import DECODER_LAYERS
 
+    args.freeze = args.freeze or []
     if args.lora is None:
         given = [name for name, value, default in (("--lora-alpha", args.lora_alpha, None),
                  ("--lora-dropout", args.lora_dropout, 0.05), ("--lora-lr", args.lora_lr, 2e-4),
-                 ("--lora-targets", args.lora_targets, ",".join(DECODER_TARGETS)), ("--merge", args.merge, False))
+                 ("--lora-layers", args.lora_layers, ",".join(DECODER_LAYERS)), ("--merge", args.merge, False))
                  if value != default]
         if given:
             raise DataError(f"{given[0]} sets up LoRA adapters: add --lora R (e.g. --lora 8), or leave it out")
@@ -429,10 +430,10 @@ def check_lora_arguments(args):
         raise DataError("--lora-dropout is a probability: a number from 0 up to (not including) 1")
     if not (math.isfinite(args.lora_lr) and args.lora_lr > 0):
         raise DataError("--lora-lr must be a finite number > 0")
-    targets = [t.strip() for t in args.lora_targets.split(",")]
-    if not all(targets):
-        raise DataError(f"--lora-targets {args.lora_targets!r}: give layer names separated by commas, e.g. q_proj,v_proj")
-    args.lora_targets = ",".join(targets)
+    names = [t.strip() for t in args.lora_layers.split(",")]
+    if not all(names):
+        raise DataError(f"--lora-layers {args.lora_layers!r}: give layer names separated by commas, e.g. q_proj,v_proj")
+    args.lora_layers = ",".join(names)
     if args.init == "scratch" or args.init_llm or args.init_vision:
         raise DataError("--lora adapts a trained FastVLM: give it with --init FOLDER (or a Hub name)")
     if args.fsdp:

@@ -488,7 +488,7 @@ class Run:
             state = None
             if args.lora:
                 lora = {"r": args.lora, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-                        "targets": args.lora_targets.split(","), "merge": args.merge, "base": lora_base(args.init)}
+                        "layers": args.lora_layers.split(","), "merge": args.merge, "base": lora_base(args.init)}
                 model, self.tokenizer = self.lora_model(model, lora)
         self.state = state
         self.model = self.core = model.to(device)
@@ -522,7 +522,7 @@ class Run:
 
     def lora_model(self, base, lora, state=None):
         """(model, tokenizer): the base model (loaded here when `base` is its name) with LoRA adapters on
-        lora["targets"]; from a training state, the adapters and the parts trained in full as saved, on a
+        the layers lora["layers"] names; from a training state, the adapters and the parts trained in full as saved, on a
         base whose files must be those the run started from."""
         args = self.args
         tokenizer = None
@@ -537,7 +537,7 @@ class Run:
         else:
             base, tokenizer = base, self.tokenizer
         try:
-            adapters.add_lora(base, lora["r"], lora["alpha"], lora["dropout"], lora["targets"])
+            adapters.add_lora(base, lora["r"], lora["alpha"], lora["dropout"], lora["layers"])
         except adapters.AdapterError as e:
             raise DataError(f"--lora: {e}") from None
         if state is not None:
@@ -559,8 +559,8 @@ class Run:
             idle = sorted({name.split(".")[0] for name, m in adapters.lora_layers(core).items()
                            if not m.lora_A.weight.requires_grad})
             if idle:
-                raise DataError(f"--lora-targets put adapters in {idle[0]}, which --stage {args.stage} keeps frozen"
-                                f"{' (--freeze)' if idle[0] in args.freeze else ''}; use --stage 2, or other targets")
+                raise DataError(f"--lora-layers put adapters in {idle[0]}, which --stage {args.stage} keeps frozen"
+                                f"{' (--freeze)' if idle[0] in args.freeze else ''}; use --stage 2, or other --lora-layers")
         if not any(p.requires_grad for p in core.parameters()):
             raise DataError(f"--freeze {' '.join(args.freeze)} leaves nothing for --stage {args.stage} to train")
         if self.dtype == torch.bfloat16:        # the frozen weights in bf16: half their memory
@@ -698,7 +698,8 @@ class Run:
                 f"({sum(p.numel() for p in self.adapter_params):,} adapter parameters)" if lora else "")
         print(f"stage {args.stage}: training {trainable:,} of {sum(p.numel() for p in core.parameters()):,} "
               f"parameters{lora}, {self.total_steps} steps of {self.per_step * self.world} samples, lr {lr}, "
-              f"{str(self.dtype).removeprefix('torch.')}, "
+              + ("bfloat16 (frozen weights stored in bf16, products under autocast), "
+                 if self.dtype == torch.bfloat16 else "") +
               f"{self.world} process(es) on {self.device.type}{threads}, encoder in "
               f"{'training' if self.from_scratch else 'fused'} form, BatchNorm {'train' if self.bn_train else 'eval'}"
               + (f", activation checkpointing in {self.checkpointed} blocks" if self.checkpointed else ""),
@@ -805,6 +806,8 @@ class Run:
                     print("interrupted before the first step; nothing was written", file=sys.stderr)
                 raise
         except BaseException:
+            if self.progress is not None:           # closed now, not whenever it is collected (the bar would be
+                self.progress.close()               # drawn again in the middle of whatever runs then)
             if self.state is None and self.rank == 0 and not (out / STATE).is_file():
                 shutil.rmtree(out, ignore_errors=True)
                 if existed:

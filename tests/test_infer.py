@@ -198,7 +198,7 @@ def test_every_option_says_what_it_does_and_its_default():
     listed = re.split(r"\n(?=  -)", parser.format_help().split("\noptions:\n")[1])     # one block per option
     blocks = {block.split()[0].rstrip(","): " ".join(block.split()) for block in listed}
     options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert len(options) == 14 and set(blocks) == {"-h"} | {a.option_strings[0] for a in options}
+    assert len(options) == 15 and set(blocks) == {"-h"} | {a.option_strings[0] for a in options}
     for action in options:
         block = blocks[action.option_strings[0]]
         assert len(block) > 40 and "(default: " in block, block

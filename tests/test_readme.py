@@ -25,6 +25,12 @@ NOT_RUN = {
     'python infer.py photo.jpg "What does the sign say?" --model apple/FastVLM-0.5B': ("needs a download", None),
     "bash tools/make_tiny_model.sh": ("about 25 minutes on 2 cores; tests/test_train.py checks the model it made",
                                       None),
+    "python train.py --stage 2 --init checkpoints/FastVLM-0.5B --lora 128 --freeze vision_tower --data my_data.json "
+    "--images my_images/ --out runs/my-lora": ("needs a download and the user's data; tests/test_lora.py runs --lora on "
+                                               "the tiny model", None),
+    'python infer.py photo.jpg "What does the sign say?" --model checkpoints/FastVLM-0.5B --adapter runs/my-lora':
+        ("needs a download", None),
+    "bash tools/lora_recipe.sh": ("about 2 minutes on 2 cores; tests/test_lora_recipe.py runs it shortened", None),
     "python tools/bench.py ttft": ("minutes at the real shapes", "python tools/bench.py ttft --quick"),
     "python serve.py --port 8000": ("a server runs until stopped; tests/test_serve.py starts it on a free port and "
                                     "asks it with the openai client", None),
