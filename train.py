@@ -15,8 +15,8 @@ decoder's attention and MLP projections are frozen and learn through low-rank ad
 stage's other parts learn in full at the stage's lr; the rest stays frozen. With --stage 2 and --freeze
 vision_tower that is LLaVA-1.5's recipe exactly (FastVLM's stage 2 also trains the encoder). The run writes
 the adapters alone (PEFT's files, `infer.py --model BASE --adapter RUN`), or with --merge the merged model.
---dtype bfloat16 keeps the frozen weights in bf16 (half the memory) and computes under bf16 autocast; what
-learns, and AdamW's moments, stay fp32.
+--dtype bfloat16 computes under bf16 autocast and, with --lora, keeps the frozen base in bf16 (half its
+memory); what learns, and AdamW's moments, stay fp32.
 
 Data: LLaVA's conversation format (a JSON list of {"id", "image", "conversations": [{"from": "human",
 "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}) plus an image folder; multi-turn; the

@@ -121,14 +121,29 @@ def target_names(model, wrapped, theirs):
     return sorted(short) + sorted(n for n in chosen if n.rsplit(".", 1)[-1] not in short)
 
 
-def part_prefix(model, part, theirs):
-    """A part's module name in the base's layout: the dotted prefix its tensors' names share."""
+def common_prefix(names):
+    """The dotted prefix that every name shares."""
     common = []
-    for pieces in zip(*[theirs(f"{part}.{k}").split(".") for k in getattr(model, part).state_dict()]):
+    for pieces in zip(*[name.split(".") for name in names]):
         if len(set(pieces)) > 1:
             break
         common.append(pieces[0])
     return ".".join(common)
+
+
+def saved_modules(model, part, theirs):
+    """A part trained in full, as modules_to_save names it in the base's layout: the module that holds
+    all of its tensors and nothing else (`model.mm_projector`), or else each of its top-level modules
+    (the decoder: `model.embed_tokens`, `model.layers`, `model.norm`, `lm_head`)."""
+    def module_of(key):                     # the module that holds a tensor, in the base's names
+        return theirs(key).rsplit(".", 1)[0]
+
+    others = [theirs(k) for k in model.state_dict() if not k.startswith(part + ".") and ".lora_" not in k]
+    prefix = common_prefix([module_of(f"{part}.{k}") for k in getattr(model, part).state_dict()])
+    if prefix and not any(name.startswith(prefix + ".") for name in others):
+        return [prefix]
+    return [common_prefix([module_of(f"{part}.{name}.{k}") for k in child.state_dict()])
+            for name, child in getattr(model, part).named_children() if child.state_dict()]
 
 
 def write_adapter(folder, model, theirs, base_name, base_sha256, r, alpha, dropout, full_parts=()):
@@ -149,7 +164,7 @@ def write_adapter(folder, model, theirs, base_name, base_sha256, r, alpha, dropo
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name, "revision": None,
               "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "bias": "none", "fan_in_fan_out": False,
               "target_modules": target_names(model, list(layers), theirs),
-              "modules_to_save": [part_prefix(model, p, theirs) for p in full_parts] or None,
+              "modules_to_save": [m for p in full_parts for m in saved_modules(model, p, theirs)] or None,
               "init_lora_weights": True, "inference_mode": True, "use_rslora": False, "use_dora": False,
               "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None}
     write_safetensors(tensors, folder / WEIGHTS,
@@ -159,7 +174,8 @@ def write_adapter(folder, model, theirs, base_name, base_sha256, r, alpha, dropo
 
 UNSUPPORTED = {"use_dora": (False, None), "use_rslora": (False, None), "fan_in_fan_out": (False, None),
                "bias": ("none", None), "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
-               "layers_to_transform": (None,), "megatron_config": (None,)}
+               "layers_to_transform": (None,), "megatron_config": (None,), "exclude_modules": (None, []),
+               "lora_bias": (False, None), "trainable_token_indices": (None,)}
 
 
 def read_adapter(folder):
@@ -183,6 +199,9 @@ def read_adapter(folder):
             raise AdapterError(f"{folder / CONFIG}: {field} = {config[field]!r} is not supported here (plain LoRA "
                                f"only); merge the adapter with PEFT and pass the merged model as --model")
     r, alpha, modules = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
+    if isinstance(modules, str):
+        raise AdapterError(f"{folder / CONFIG}: target_modules is a pattern ({modules!r}); only a list of module "
+                           "names is read here: merge the adapter with PEFT and pass the merged model as --model")
     if not (isinstance(r, int) and r > 0 and isinstance(alpha, (int, float)) and math.isfinite(alpha)
             and isinstance(modules, list) and modules and all(isinstance(t, str) for t in modules)):
         raise AdapterError(f"{folder / CONFIG}: r, lora_alpha or target_modules is missing or not valid (r {r!r}, "

@@ -232,6 +232,9 @@ def read_config(folder):
     """config.json of a model folder, the one place it is read."""
     path = Path(folder) / "config.json"
     try:
+        if not path.is_file() and (Path(folder) / adapters.CONFIG).is_file():
+            raise CheckpointError(f"{folder} holds LoRA adapters, not a model: pass its base model as --model and "
+                                  f"this folder as --adapter {folder}")
         if not path.is_file():
             raise CheckpointError(f"{folder} has no config.json, so it is not a model folder (or not a complete "
                                   "one); point at the folder that holds config.json")

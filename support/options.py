@@ -300,9 +300,10 @@ def train_parser(description, stages):
                    "default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the log and the last lines stay)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="bfloat16: the frozen weights stored in bf16 and every product under bf16 autocast, what "
-                        "learns and AdamW's moments in float32; auto = bfloat16 on cuda, and on a cpu with bf16 "
-                        "units (AVX512-BF16, AMX, Arm BF16) for --lora; float32 elsewhere (default: %(default)s)")
+                   help="bfloat16: every product under bf16 autocast and, with --lora, the frozen base stored in "
+                        "bf16; what learns and AdamW's moments stay float32; auto = bfloat16 on cuda, and on a cpu "
+                        "with bf16 units (AVX512-BF16, AMX, Arm BF16) for --lora; float32 elsewhere "
+                        "(default: %(default)s)")
     p.add_argument("--freeze", nargs="+", default=None, choices=["vision_tower", "mm_projector", "llm"],
                    help="keep these parts frozen although the stage trains them, e.g. vision_tower with --stage 2 "
                         "--lora for LLaVA-1.5's LoRA recipe (default: none)")

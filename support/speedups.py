@@ -551,8 +551,9 @@ class GraphedQwen2(qwen2.Qwen2):
     def _graph_key(self, batch):
         """What the recorded kernels read, by identity and address: when any of it changes, record again."""
         caches = tuple(id(layer.self_attn.cache) for layer in self.layers)
+        q_proj = self.layers[0].self_attn.q_proj               # a LoRA adapter's layer holds it as base_layer
         weights = (self.embed_tokens.weight.data_ptr(), self.lm_head.weight.data_ptr(),
-                   self.layers[0].self_attn.q_proj.weight.data_ptr())
+                   getattr(q_proj, "base_layer", q_proj).weight.data_ptr())
         return caches, weights, id(self.rope_cos), batch, self.max_len
 
     def _record(self, name, x):

@@ -94,8 +94,12 @@ def initialise(args, records):
         return model, tokenizer, False, 0
     if args.init:
         folder = Path(args.init)
-        if (folder / STATE).is_file():
-            state = load_state(folder / STATE)
+        if (folder / adapters.CONFIG).is_file() and not (folder / "config.json").is_file():
+            base = json.loads((folder / adapters.CONFIG).read_text()).get("base_model_name_or_path")
+            raise DataError(f"{folder} holds LoRA adapters (for {base}), not a model: continue it with --resume, "
+                            "start from its base with --init BASE --lora R, or write a merged model with --merge")
+        state = load_state(folder / STATE) if (folder / STATE).is_file() else None
+        if state is not None and not state.get("lora"):     # a LoRA run's state holds its adapters alone
             model, tokenizer = model_from_state(state, folder)
             return model, tokenizer, not state["fused"], state.get("prior_steps", 0) + state["step"]
         model, tokenizer, _ = loading.load_model(folder, fold_batchnorm=False)
@@ -220,6 +224,9 @@ def write_lora(model, lora):
         from support.checkpoint import safetensors_files
 
         source = Path(base["folder"])
+        if adapters.fingerprint(source) != base["sha256"]:
+            raise DataError(f"the base model {source} changed since this run started (the sha256 of its weights "
+                            "differ): restore it to write the merged model (--merge)")
         layers, trained = adapters.lora_layers(model), set(full_parts(model))
         current = model.state_dict()
         ours = {theirs(k.replace(".base_layer.", ".")): k.replace(".base_layer.", ".") for k in current
@@ -472,7 +479,16 @@ class Run:
             if (lora and lora["r"]) != args.lora:
                 raise DataError(f"--resume: {out} was trained " + (f"with --lora {lora['r']}; pass it again" if lora
                                 else "without --lora; resume it without --lora"))
+            if state.get("freeze", []) != args.freeze:
+                raise DataError(f"--resume: {out} was trained with --freeze {' '.join(state.get('freeze', [])) or '(none)'}; "
+                                "resume it with the same --freeze")
             if lora:
+                asked = {"alpha": args.lora_alpha, "dropout": args.lora_dropout, "layers": args.lora_layers.split(","),
+                         "merge": args.merge}
+                changed = next((k for k in asked if asked[k] != lora[k]), None)
+                if changed:
+                    raise DataError(f"--resume: {out} was trained with LoRA {changed} {lora[changed]!r}, not "
+                                    f"{asked[changed]!r}; resume it with the same --lora options")
                 model, self.tokenizer = self.lora_model(lora["base"]["name"], lora, state)
             else:
                 model, self.tokenizer = model_from_state(state, out)
@@ -484,7 +500,8 @@ class Run:
             if out.exists() and any(out.iterdir()):
                 raise DataError(f"{out} exists and is not empty; choose a new --out or pass --resume")
             model, self.tokenizer, self.from_scratch, self.init_steps = initialise(args, records)
-            self.base_config = loading.read_config(args.init) if (args.init and args.init != "scratch") else {}
+            self.base_config = (loading.read_config(loading.resolve_model(args.init))
+                                if (args.init and args.init != "scratch" and not args.lora) else {})
             state = None
             if args.lora:
                 lora = {"r": args.lora, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
@@ -561,9 +578,15 @@ class Run:
             if idle:
                 raise DataError(f"--lora-layers put adapters in {idle[0]}, which --stage {args.stage} keeps frozen"
                                 f"{' (--freeze)' if idle[0] in args.freeze else ''}; use --stage 2, or other --lora-layers")
+        if self.state is not None and self.lora is not None:
+            learning = {n for n, p in core.named_parameters() if p.requires_grad}
+            if not learning <= set(self.state["model"]):
+                raise DataError(f"--resume: {self.out}'s training state lacks {sorted(learning - set(self.state['model']))[0]}, "
+                                "which this run would train; resume it with the options it was started with")
         if not any(p.requires_grad for p in core.parameters()):
             raise DataError(f"--freeze {' '.join(args.freeze)} leaves nothing for --stage {args.stage} to train")
-        if self.dtype == torch.bfloat16:        # the frozen weights in bf16: half their memory
+        if self.dtype == torch.bfloat16 and self.lora is not None:   # the frozen base in bf16: half its memory
+            # (a full run's checkpoint writes its frozen parts too, so they keep their float32 values there)
             for p in core.parameters():
                 if not p.requires_grad:
                     p.data = p.data.to(torch.bfloat16)
@@ -654,7 +677,8 @@ class Run:
             kept = (f"the last checkpoint in {out} is from before it" if (out / STATE).is_file()
                     else "no checkpoint was written")
             raise TrainingError(f"the loss or the gradient norm became non-finite at step {self.step + 1} (lr "
-                                f"{self.scheduler.get_last_lr()[0]:g}); {kept}; lower --lr")
+                                f"{self.scheduler.get_last_lr()[0]:g}); {kept}; lower --lr"
+                                + (" or --lora-lr" if self.lora else ""))
 
     def step_done(self, loss, lr, grad_norm):
         """After the optimizer's step: count it, log it, show it; evaluate and save when due."""
@@ -713,11 +737,13 @@ class Run:
         core = self.core
         if self.lora is not None:     # what learns; the frozen base is the files named in "lora"
             model_state = {n: p.detach().clone() for n, p in core.named_parameters() if p.requires_grad}
+            for part in full_parts(core):       # and their buffers (BatchNorm statistics that --bn train updates)
+                model_state.update({f"{part}.{n}": b.detach().clone() for n, b in getattr(core, part).named_buffers()})
         return {"model": model_state or core.state_dict(), "lora": self.lora,
                 "optimizer": optimizer_state or self.optimizer.state_dict(),
                 "optimizer_format": "fsdp" if self.args.fsdp else "plain", "scheduler": self.scheduler.state_dict(),
                 "rng": torch.get_rng_state(), "step": self.step, "prior_steps": self.prior_steps,
-                "stage": self.args.stage,
+                "stage": self.args.stage, "freeze": self.args.freeze,
                 "fused": not self.from_scratch,   # training form from scratch, official (fused) form otherwise
                 "vision_cfg": asdict(core.vision_tower.cfg), "llm_cfg": asdict(core.llm.cfg), "seed": self.args.seed,
                 "image_sizes": self.image_sizes, "decode_failed": sorted(self.decode_failed)}

@@ -34,6 +34,7 @@ def data(tmp_path_factory):
 def run_train(data, out, *extra):
     args = ["--stage", "2", "--init", str(TINY), "--data", str(data / "train.json"), "--images", str(data / "images"),
             "--out", str(out), "--batch-size", "4", "--no-progress", "--threads", "1", "--dtype", "float32",
+            "--device", "cpu",
             *[str(e) for e in extra]]
     return T.main(args)
 
@@ -141,6 +142,11 @@ def test_only_the_adapters_and_the_projector_learn(lora_run):
     layers = adapters.lora_layers(trained)
     assert len(layers) == 28
     assert all(torch.count_nonzero(m.lora_B.weight) > 0 for m in layers.values())
+    torch.manual_seed(0)                                  # the run's --seed: the A matrices it started from
+    start, _, _ = loading.load_model(TINY, fold_batchnorm=False)
+    adapters.add_lora(start, 4, 8.0)
+    first = adapters.lora_layers(start)
+    assert all(not torch.equal(m.lora_A.weight, first[n].lora_A.weight) for n, m in layers.items())
     before = base.state_dict()
     for name, value in trained.state_dict().items():
         if ".lora_" in name:
@@ -247,7 +253,7 @@ def test_auto_dtype_is_bf16_only_for_lora_on_a_cpu_with_bf16_units(data, tmp_pat
 
     monkeypatch.setattr(speedups, "bf16_units", lambda *a: True)
     args = ["--stage", "2", "--init", str(TINY), "--data", str(data / "train.json"), "--images", str(data / "images"),
-            "--batch-size", "4", "--no-progress", "--threads", "1", "--steps", "1"]
+            "--batch-size", "4", "--no-progress", "--threads", "1", "--steps", "1", "--device", "cpu"]
     assert T.main(args + ["--out", str(tmp_path / "a"), *LORA]) == 0
     assert T.main(args + ["--out", str(tmp_path / "b")]) == 0
     err = capsys.readouterr().err
@@ -434,3 +440,56 @@ def test_lora_under_ddp_two_processes_equal_one_process(data, tmp_path):
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name
     assert max((a[n] - b[n]).abs().max() for n in a) < 1e-5 < max(a[n].abs().max() for n in a if "lora_B" in n)
+
+
+def test_the_graphed_decoder_answers_with_adapters_as_the_plain_one(lora_run):
+    """A GPU decodes through GraphedQwen2, whose recording is keyed on the first layer's weights: with an
+    adapter that layer is a LoRALinear (its weight in base_layer). The stand-in capture of
+    test_speedups.py runs the graph path on the CPU: the same tokens as the plain decoder."""
+    from test_speedups import graphed
+
+    model, _, _ = loading.load_model(TINY, adapter=lora_run, fast=False)
+    fast = graphed(model.llm)
+    prompt = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(0))
+    answers = []
+    with torch.no_grad():
+        for llm in (model.llm, fast):
+            llm.setup_cache(64)
+            answers.append(qwen2.generate(llm, tokens=prompt, max_new_tokens=12))
+    assert answers[0] == answers[1] and ("decode",) in fast._graphs
+
+
+def test_a_lora_run_as_init_or_model(capsys, data, tmp_path, lora_run):
+    """An adapter folder is not a model: --init and --model say how to use it, in one line; a merged run
+    is a model like any other (its training state holds the adapters alone, so its files are read)."""
+    assert "holds LoRA adapters" in one_line_error(capsys, run_train(data, tmp_path / "x", "--steps", "1",
+                                                                     "--init", lora_run))
+    with pytest.raises(loading.CheckpointError, match="holds LoRA adapters, not a model: pass its base model"):
+        loading.load_model(lora_run)
+    assert run_train(data, tmp_path / "merged", *LORA, "--steps", "1", "--merge") == 0
+    assert run_train(data, tmp_path / "full", "--steps", "1", "--init", tmp_path / "merged", "--lr", "1e-4") == 0
+    loading.load_model(tmp_path / "full")
+
+
+def test_a_decoder_trained_in_full_beside_projector_adapters_round_trips(data, tmp_path):
+    """Adapters on the projector, the decoder trained in full: modules_to_save names the decoder's own
+    modules (not "", which would match every module), and the files give back the trained model."""
+    run = tmp_path / "run"
+    assert run_train(data, run, *LORA, "--lora-layers", "mm_projector.0,mm_projector.2", "--steps", "2") == 0
+    config = json.loads((run / adapters.CONFIG).read_text())
+    assert config["modules_to_save"] == ["model.embed_tokens", "model.layers", "model.norm", "lm_head"]
+    assert config["target_modules"] == ["model.mm_projector.0", "model.mm_projector.2"]
+    model, _, _ = loading.load_model(TINY, fold_batchnorm=False)
+    adapters.add_lora(model, 4, 8.0, names=("mm_projector.0", "mm_projector.2"))
+    model.load_state_dict(state(run)["model"], strict=False)
+    loaded, _, _ = loading.load_model(TINY, adapter=run, fast=False)
+    assert torch.allclose(logits_of(loaded, data), logits_of(model, data), atol=1e-5)
+
+
+def test_resume_refuses_other_lora_options_or_freeze(capsys, data, tmp_path, lora_run):
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    code = run_train(data, run, *LORA, "--lora-dropout", "0.2", "--steps", "8", "--resume")
+    assert "LoRA dropout 0.0, not 0.2" in one_line_error(capsys, code)
+    code = run_train(data, run, *[a for a in LORA if a not in ("--freeze", "vision_tower")], "--steps", "8", "--resume")
+    assert "trained with --freeze vision_tower" in one_line_error(capsys, code)
