@@ -4,6 +4,7 @@
     python infer.py photo.jpg "What does the sign say?" --model apple/FastVLM-0.5B
     python infer.py photo.jpg --model checkpoints/FastVLM-0.5B          # interactive chat about the image
     python infer.py --batch questions.jsonl --out answers.jsonl --model ...
+    python infer.py photo.jpg "What does the sign say?" --model BASE --adapter runs/my-lora   # LoRA (train.py --lora)
 
 `--model` takes a folder (Apple's LLaVA layout, transformers' fast_vlm layout, or train.py's output) or
 a Hugging Face repo id, found in the local Hugging Face cache (or downloaded when huggingface_hub is

@@ -4,6 +4,7 @@ client, chat UIs, evaluation tools) can ask it about an image.
     pip install -r requirements-serve.txt
     python serve.py                                        # the embedded tiny model on 127.0.0.1:8000
     python serve.py --model checkpoints/FastVLM-0.5B --port 8000
+    python serve.py --model checkpoints/FastVLM-0.5B --adapter runs/my-lora    # with LoRA adapters (train.py --lora)
     python serve.py --host 0.0.0.0 --api-key "$KEY"        # any other address needs a key
 
     from openai import OpenAI

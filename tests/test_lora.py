@@ -462,8 +462,8 @@ def test_the_graphed_decoder_answers_with_adapters_as_the_plain_one(lora_run):
 def test_a_lora_run_as_init_or_model(capsys, data, tmp_path, lora_run):
     """An adapter folder is not a model: --init and --model say how to use it, in one line; a merged run
     is a model like any other (its training state holds the adapters alone, so its files are read)."""
-    assert "holds LoRA adapters" in one_line_error(capsys, run_train(data, tmp_path / "x", "--steps", "1",
-                                                                     "--init", lora_run))
+    line = one_line_error(capsys, run_train(data, tmp_path / "x", "--steps", "1", "--init", lora_run))
+    assert f"holds LoRA adapters (for {TINY}), not a model: continue it with --resume" in line
     with pytest.raises(loading.CheckpointError, match="holds LoRA adapters, not a model: pass its base model"):
         loading.load_model(lora_run)
     assert run_train(data, tmp_path / "merged", *LORA, "--steps", "1", "--merge") == 0
