@@ -172,10 +172,24 @@ def write_adapter(folder, model, theirs, base_name, base_sha256, r, alpha, dropo
     (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
+# LoraConfig fields that change what the stored matrices mean: only their plain-LoRA values are read (an
+# initialisation such as PiSSA's or LoftQ's rewrites the base's weights, which this loader never sees).
 UNSUPPORTED = {"use_dora": (False, None), "use_rslora": (False, None), "fan_in_fan_out": (False, None),
                "bias": ("none", None), "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
                "layers_to_transform": (None,), "megatron_config": (None,), "exclude_modules": (None, []),
-               "lora_bias": (False, None), "trainable_token_indices": (None,)}
+               "lora_bias": (False, None), "trainable_token_indices": (None,), "layer_replication": (None,),
+               "init_lora_weights": (True, False, "gaussian", None), "alora_invocation_tokens": (None,),
+               "target_parameters": (None, [])}
+
+
+def positive_number(x, whole=False):
+    """A finite number > 0 (an int where `whole`); never a bool, which JSON's true would give."""
+    if isinstance(x, bool) or not isinstance(x, int if whole else (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x)) and x > 0
+    except OverflowError:          # an integer beyond float's range
+        return False
 
 
 def read_adapter(folder):
@@ -183,6 +197,12 @@ def read_adapter(folder):
     from safetensors import safe_open
 
     folder = Path(folder)
+    if not folder.exists():
+        raise AdapterError(f"--adapter {folder} does not exist: point it at a folder written by train.py --lora")
+    if not folder.is_dir():
+        raise AdapterError(f"--adapter {folder} is a file: point it at the folder that holds {CONFIG}")
+    if not (folder / CONFIG).is_file() and (folder / "config.json").is_file():
+        raise AdapterError(f"{folder} is a model folder (config.json), not an adapter: pass it as --model")
     if not (folder / CONFIG).is_file():
         raise AdapterError(f"{folder} has no {CONFIG}: point --adapter at a folder written by train.py --lora "
                            "(or by PEFT's save_pretrained)")
@@ -202,10 +222,10 @@ def read_adapter(folder):
     if isinstance(modules, str):
         raise AdapterError(f"{folder / CONFIG}: target_modules is a pattern ({modules!r}); only a list of module "
                            "names is read here: merge the adapter with PEFT and pass the merged model as --model")
-    if not (isinstance(r, int) and r > 0 and isinstance(alpha, (int, float)) and math.isfinite(alpha)
+    if not (positive_number(r, whole=True) and positive_number(alpha)
             and isinstance(modules, list) and modules and all(isinstance(t, str) for t in modules)):
-        raise AdapterError(f"{folder / CONFIG}: r, lora_alpha or target_modules is missing or not valid (r {r!r}, "
-                           f"lora_alpha {alpha!r}, target_modules {modules!r}); the adapter is damaged: write it again")
+        raise AdapterError(f"{folder / CONFIG}: r, lora_alpha or target_modules is missing or not valid (r {r!r:.20}, "
+                           f"lora_alpha {alpha!r:.20}, target_modules {modules!r:.80}); the adapter is damaged: write it again")
     path = folder / WEIGHTS
     if not path.is_file():
         pickled = (folder / "adapter_model.bin").is_file()
@@ -233,9 +253,14 @@ def load_adapter(model, folder, theirs, base_folder, dtype=None):
     if recorded is not None:
         try:
             recorded = json.loads(recorded)
+            if not (isinstance(recorded, dict) and all(isinstance(v, str) for v in recorded.values())):
+                raise ValueError
         except ValueError:
             raise AdapterError(f"{folder / WEIGHTS}: its record of the base model is damaged; write the adapter again") from None
         if fingerprint(base_folder) != recorded:
+            if Path(str(base)).exists() and Path(str(base)).resolve() == Path(base_folder).resolve():
+                raise AdapterError(f"the weights of {base_folder} changed since the adapter {folder} was made (the "
+                                   "sha256 differ): restore the base it was trained on, or train the adapter again")
             raise AdapterError(f"{folder} is an adapter for {base}, not for {base_folder} (the sha256 of their "
                                f"weights differ); pass --model {base}")
     ours = {theirs(k): k for k in model.state_dict()}                 # base tensor names, before any wrapping
@@ -255,12 +280,22 @@ def load_adapter(model, folder, theirs, base_folder, dtype=None):
             place = f"{layers[module]}.lora_{kind}"
         else:
             place = ours.get(name)
+        if kind in ("A.weight", "B.weight") and place not in own:
+            raise AdapterError(f"{folder / WEIGHTS}: '{key}' is a LoRA matrix of a layer that target_modules "
+                               f"({', '.join(config['target_modules'])}) does not name: the config and the weights "
+                               "disagree; the adapter is damaged: write it again")
         if not key.startswith(PREFIX) or place not in own:
             raise AdapterError(f"{folder / WEIGHTS}: tensor '{key}' has no place in {base_folder}'s model; the "
                                f"adapter is for {base}")
-        if tuple(own[place].shape) != tuple(value.shape) or value.is_floating_point() != own[place].is_floating_point():
-            raise AdapterError(f"{folder / WEIGHTS}: '{key}' has shape {tuple(value.shape)} ({value.dtype}) where "
-                               f"the model holds {tuple(own[place].shape)}; the adapter is for {base}, or damaged")
+        if value.is_floating_point() != own[place].is_floating_point():
+            raise AdapterError(f"{folder / WEIGHTS}: '{key}' is {str(value.dtype).removeprefix('torch.')} where the "
+                               "model holds a floating-point tensor; the adapter is damaged: write it again")
+        if tuple(own[place].shape) != tuple(value.shape):
+            raise AdapterError(f"{folder / WEIGHTS}: '{key}' has shape {tuple(value.shape)} where the model holds "
+                               f"{tuple(own[place].shape)}; the adapter is for {base}, or damaged")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise AdapterError(f"{folder / WEIGHTS}: '{key}' holds NaN or infinite values; the adapter is damaged "
+                               "(did its training diverge?): write it again")
         own[place].copy_(value)
         filled.add(place)
     for name, m in lora_layers(model).items():

@@ -431,7 +431,7 @@ def check_lora_arguments(args):
         raise DataError("--lora-dropout is a probability: a number from 0 up to (not including) 1")
     if not (math.isfinite(args.lora_lr) and args.lora_lr > 0):
         raise DataError("--lora-lr must be a finite number > 0")
-    names = [t.strip() for t in args.lora_layers.split(",")]
+    names = list(dict.fromkeys(t.strip() for t in args.lora_layers.split(",")))     # each once, in order
     if not all(names):
         raise DataError(f"--lora-layers {args.lora_layers!r}: give layer names separated by commas, e.g. q_proj,v_proj")
     args.lora_layers = ",".join(names)

@@ -89,15 +89,15 @@ def initialise(args, records):
             corpus = corpus + load_records(extra)
         model, tokenizer = build_scratch(corpus)
         return model, tokenizer, True, 0
+    folder = Path(args.init or "")
+    if args.init and (folder / adapters.CONFIG).is_file() and not (folder / "config.json").is_file():
+        base = adapters.read_adapter(folder)[0].get("base_model_name_or_path")
+        raise DataError(f"{folder} holds LoRA adapters (for {base}), not a model: continue it with --resume, "
+                        f"start from its base with --init {base} --lora R, or write a merged model with --merge")
     if args.init and args.lora:         # the base as infer.py reads it: its files, whatever run made them
         model, tokenizer, _ = loading.load_model(args.init, fold_batchnorm=False)
         return model, tokenizer, False, 0
     if args.init:
-        folder = Path(args.init)
-        if (folder / adapters.CONFIG).is_file() and not (folder / "config.json").is_file():
-            base = json.loads((folder / adapters.CONFIG).read_text()).get("base_model_name_or_path")
-            raise DataError(f"{folder} holds LoRA adapters (for {base}), not a model: continue it with --resume, "
-                            "start from its base with --init BASE --lora R, or write a merged model with --merge")
         state = load_state(folder / STATE) if (folder / STATE).is_file() else None
         if state is not None and not state.get("lora"):     # a LoRA run's state holds its adapters alone
             model, tokenizer = model_from_state(state, folder)
@@ -189,7 +189,8 @@ def write_model(model, tokenizer, config):
 def lora_base(name):
     """What identifies --init's base model: the name given, its folder, layout and files' sha256."""
     folder = Path(loading.resolve_model(name)).resolve()
-    return {"name": str(name), "folder": str(folder), "layout": loading.model_config(folder)[0].name,
+    shown = str(folder) if Path(name).exists() else str(name)      # a folder by its whole path, a Hub name as given
+    return {"name": shown, "folder": str(folder), "layout": loading.model_config(folder)[0].name,
             "sha256": adapters.fingerprint(folder)}
 
 
@@ -482,6 +483,9 @@ class Run:
             if state.get("freeze", []) != args.freeze:
                 raise DataError(f"--resume: {out} was trained with --freeze {' '.join(state.get('freeze', [])) or '(none)'}; "
                                 "resume it with the same --freeze")
+            if lora and args.init and Path(loading.resolve_model(args.init)).resolve() != Path(lora["base"]["folder"]):
+                raise DataError(f"--resume: {out}'s adapters belong to {lora['base']['name']}, not to --init "
+                                f"{args.init}; leave --init out (or give that base)")
             if lora:
                 asked = {"alpha": args.lora_alpha, "dropout": args.lora_dropout, "layers": args.lora_layers.split(","),
                          "merge": args.merge}
@@ -576,8 +580,10 @@ class Run:
             idle = sorted({name.split(".")[0] for name, m in adapters.lora_layers(core).items()
                            if not m.lora_A.weight.requires_grad})
             if idle:
+                fix = (f"leave {idle[0]} out of --freeze" if idle[0] in args.freeze
+                       else "use --stage 2 (or 0), or other --lora-layers")
                 raise DataError(f"--lora-layers put adapters in {idle[0]}, which --stage {args.stage} keeps frozen"
-                                f"{' (--freeze)' if idle[0] in args.freeze else ''}; use --stage 2, or other --lora-layers")
+                                f"{' (--freeze)' if idle[0] in args.freeze else ''}; {fix}")
         if self.state is not None and self.lora is not None:
             learning = {n for n, p in core.named_parameters() if p.requires_grad}
             if not learning <= set(self.state["model"]):

@@ -328,14 +328,55 @@ def test_an_adapter_for_other_weights_is_refused_in_one_line(lora_run, tmp_path)
                            "--model", str(other), "--adapter", str(lora_run)], capture_output=True, text=True, timeout=120)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1 and "is an adapter for" in err[0] and str(TINY) in err[0], err
+    # an adapter made on `other` before its weights changed: the line says so, not "pass --model other"
+    moved = tmp_path / "moved"
+    shutil.copytree(lora_run, moved)
+    config = json.loads((moved / adapters.CONFIG).read_text())
+    (moved / adapters.CONFIG).write_text(json.dumps({**config, "base_model_name_or_path": str(other)}))
+    with pytest.raises(adapters.AdapterError, match=f"the weights of {other} changed since the adapter"):
+        loading.load_model(other, adapter=moved)
 
 
-@pytest.mark.parametrize("damage", ["truncated weights", "bad json", "missing matrix", "not lora", "pickled only"])
+DAMAGE = {"truncated weights": "not a readable safetensors", "bad json": "not valid JSON",
+          "missing matrix": "layers.1.mlp.up_proj.lora_B.weight", "not lora": "'IA3' adapter", "pickled only": "pickled",
+          "r true": "r, lora_alpha or target_modules is missing or not valid", "alpha past float": "(r 4, lora_alpha 1000",
+          "pissa": "init_lora_weights = 'pissa' is not supported", "nan matrix": "holds NaN or infinite values",
+          "int matrix": "is int32 where the model holds a floating-point tensor",
+          "fewer modules named": "a LoRA matrix of a layer that target_modules (q_proj) does not name",
+          "missing folder": "does not exist", "a file": "is a file", "a model folder": "is a model folder"}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_a_damaged_adapter_is_refused_in_one_line(lora_run, tmp_path, damage):
     broken = tmp_path / "broken"
     shutil.copytree(lora_run, broken)
     weights, config = broken / adapters.WEIGHTS, broken / adapters.CONFIG
-    if damage == "truncated weights":
+    fields = json.loads(config.read_text())
+
+    def rewrite(change):
+        with safe_open(str(weights), framework="pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        from safetensors.torch import save_file
+        save_file(change(tensors), str(weights), metadata=meta)
+
+    key = "base_model.model.model.layers.2.self_attn.v_proj.lora_B.weight"
+    if damage in ("r true", "alpha past float", "pissa", "fewer modules named"):
+        change = {"r true": {"r": True}, "alpha past float": {"lora_alpha": 10 ** 400},
+                  "pissa": {"init_lora_weights": "pissa"}, "fewer modules named": {"target_modules": ["q_proj"]}}
+        config.write_text(json.dumps({**fields, **change[damage]}))
+    elif damage == "nan matrix":
+        rewrite(lambda t: {**t, key: t[key].index_fill(0, torch.tensor([3]), float("nan"))})
+    elif damage == "int matrix":
+        rewrite(lambda t: {**t, key: t[key].to(torch.int32)})
+    elif damage == "missing folder":
+        shutil.rmtree(broken)
+    elif damage == "a file":
+        shutil.rmtree(broken)
+        broken.write_text("not a folder")
+    elif damage == "a model folder":
+        shutil.rmtree(broken)
+        shutil.copytree(TINY, broken)
+    elif damage == "truncated weights":
         weights.write_bytes(weights.read_bytes()[:-100])
     elif damage == "bad json":
         config.write_text(config.read_text()[:-5])
@@ -351,10 +392,7 @@ def test_a_damaged_adapter_is_refused_in_one_line(lora_run, tmp_path, damage):
     with pytest.raises(adapters.AdapterError) as e:
         loading.load_model(TINY, adapter=broken)
     message = str(e.value)
-    assert "\n" not in message
-    assert {"truncated weights": "not a readable safetensors", "bad json": "not valid JSON",
-            "missing matrix": "layers.1.mlp.up_proj.lora_B.weight", "not lora": "'IA3' adapter",
-            "pickled only": "pickled"}[damage] in message
+    assert "\n" not in message and DAMAGE[damage] in message, message
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -493,3 +531,10 @@ def test_resume_refuses_other_lora_options_or_freeze(capsys, data, tmp_path, lor
     assert "LoRA dropout 0.0, not 0.2" in one_line_error(capsys, code)
     code = run_train(data, run, *[a for a in LORA if a not in ("--freeze", "vision_tower")], "--steps", "8", "--resume")
     assert "trained with --freeze vision_tower" in one_line_error(capsys, code)
+
+
+def test_resume_refuses_another_base(capsys, data, tmp_path, lora_run, hf_layout_base):
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    code = run_train(data, run, *LORA, "--steps", "8", "--resume", "--init", hf_layout_base)
+    assert f"adapters belong to {TINY}, not to --init {hf_layout_base}" in one_line_error(capsys, code)
