@@ -192,10 +192,8 @@ def positive_number(x, whole=False):
         return False
 
 
-def read_adapter(folder):
-    """(config, tensors, metadata) of an adapter folder, or one line that says what is wrong with it."""
-    from safetensors import safe_open
-
+def read_adapter_config(folder):
+    """An adapter folder's adapter_config.json, checked, or one line that says what is wrong with it."""
     folder = Path(folder)
     if not folder.exists():
         raise AdapterError(f"--adapter {folder} does not exist: point it at a folder written by train.py --lora")
@@ -226,6 +224,15 @@ def read_adapter(folder):
             and isinstance(modules, list) and modules and all(isinstance(t, str) for t in modules)):
         raise AdapterError(f"{folder / CONFIG}: r, lora_alpha or target_modules is missing or not valid (r {r!r:.20}, "
                            f"lora_alpha {alpha!r:.20}, target_modules {modules!r:.80}); the adapter is damaged: write it again")
+    return config
+
+
+def read_adapter(folder):
+    """(config, tensors, metadata) of an adapter folder, or one line that says what is wrong with it."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    config = read_adapter_config(folder)
     path = folder / WEIGHTS
     if not path.is_file():
         pickled = (folder / "adapter_model.bin").is_file()

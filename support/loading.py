@@ -684,6 +684,8 @@ FAST_VLM = Layout("fast_vlm", "model.vision_tower.timm_model.",
                   ("model.multi_modal_projector.linear_1.", "model.multi_modal_projector.linear_2."),
                   "model.language_model.", lambda key, cfg: timm_key(key), lambda key, cfg: to_timm_key(key))
 
+LAYOUTS = {layout.name: layout for layout in (LLAVA, FAST_VLM)}       # by the name a loaded model's .layout holds
+
 
 def part_of(name):
     """Which part of FastVLM one of our names belongs to, for error messages."""

@@ -233,8 +233,7 @@ MAX_SEED = 2**64 - 1 - MAX_STEPS   # torch's generators take values below 2**64,
 
 def train_parser(description, stages):
     """train.py's command line; every option's help gives its default. `stages`: train.STAGES."""
-    from support.adapters import DECODER_LAYERS
-
+    lora_default = lora_defaults()
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=sorted(stages), required=True,
                    help="which parts learn, and the default learning rate (see above)")
@@ -313,13 +312,13 @@ def train_parser(description, stages):
                       help="adapters of rank R on the --lora-layers; LLaVA-1.5 uses 128 (default: off, full training)")
     lora.add_argument("--lora-alpha", type=float, default=None,
                       help="the update is scaled by alpha / R (default: 2 x R, LLaVA-1.5's 256 for 128)")
-    lora.add_argument("--lora-dropout", type=float, default=0.05,
+    lora.add_argument("--lora-dropout", type=float, default=lora_default["lora_dropout"],
                       help="dropout on the adapters' input while training (default: %(default)s, LLaVA-1.5's)")
-    lora.add_argument("--lora-layers", default=",".join(DECODER_LAYERS),
+    lora.add_argument("--lora-layers", default=lora_default["lora_layers"],
                       help="comma-separated names of the linear layers that get adapters, each matching a layer's "
                            "name or its end; mm_projector.0 and mm_projector.2 adapt the projector (default: "
                            "%(default)s, every linear layer of the decoder, as LLaVA-1.5)")
-    lora.add_argument("--lora-lr", type=float, default=2e-4,
+    lora.add_argument("--lora-lr", type=float, default=lora_default["lora_lr"],
                       help="peak learning rate of the adapters; the parts trained in full keep --lr "
                            "(default: %(default)s, LLaVA-1.5's)")
     lora.add_argument("--merge", action="store_true",
@@ -408,16 +407,21 @@ def check_arguments(args):
         raise DataError(f"--out {out}: {parent} is not writable; choose a folder you can write to")
 
 
-def check_lora_arguments(args):
-    """--lora and its options, before anything loads (a rank larger than a layer waits for the model)."""
+def lora_defaults():
+    """train.py's LoRA options (all but --lora) and their defaults, LLaVA-1.5's: the parser's and the
+    check's one table (--lora-alpha's None stands for 2 x R)."""
     from support.adapters import DECODER_LAYERS
 
+    return {"lora_alpha": None, "lora_dropout": 0.05, "lora_lr": 2e-4, "lora_layers": ",".join(DECODER_LAYERS),
+            "merge": False}
+
+
+def check_lora_arguments(args):
+    """--lora and its options, before anything loads (a rank larger than a layer waits for the model)."""
     args.freeze = args.freeze or []
     if args.lora is None:
-        given = [name for name, value, default in (("--lora-alpha", args.lora_alpha, None),
-                 ("--lora-dropout", args.lora_dropout, 0.05), ("--lora-lr", args.lora_lr, 2e-4),
-                 ("--lora-layers", args.lora_layers, ",".join(DECODER_LAYERS)), ("--merge", args.merge, False))
-                 if value != default]
+        given = ["--" + dest.replace("_", "-") for dest, default in lora_defaults().items()
+                 if getattr(args, dest) != default]
         if given:
             raise DataError(f"{given[0]} sets up LoRA adapters: add --lora R (e.g. --lora 8), or leave it out")
         return

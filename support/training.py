@@ -91,7 +91,7 @@ def initialise(args, records):
         return model, tokenizer, True, 0
     folder = Path(args.init or "")
     if args.init and (folder / adapters.CONFIG).is_file() and not (folder / "config.json").is_file():
-        base = adapters.read_adapter(folder)[0].get("base_model_name_or_path")
+        base = adapters.read_adapter_config(folder).get("base_model_name_or_path")
         raise DataError(f"{folder} holds LoRA adapters (for {base}), not a model: continue it with --resume, "
                         f"start from its base with --init {base} --lora R, or write a merged model with --merge")
     if args.init and args.lora:         # the base as infer.py reads it: its files, whatever run made them
@@ -186,17 +186,17 @@ def write_model(model, tokenizer, config):
 # LoRA (--lora): the base model, its adapters, and what a run writes.
 # ----------------------------------------------------------------------------------------------------
 
-def lora_base(name):
-    """What identifies --init's base model: the name given, its folder, layout and files' sha256."""
+def lora_base(name, layout):
+    """What identifies --init's base model (loaded, in `layout`): the name given, its folder, layout and
+    files' sha256."""
     folder = Path(loading.resolve_model(name)).resolve()
     shown = str(folder) if Path(name).exists() else str(name)      # a folder by its whole path, a Hub name as given
-    return {"name": shown, "folder": str(folder), "layout": loading.model_config(folder)[0].name,
-            "sha256": adapters.fingerprint(folder)}
+    return {"name": shown, "folder": str(folder), "layout": layout, "sha256": adapters.fingerprint(folder)}
 
 
 def their_names(base, vision_cfg):
     """our tensor name -> the base layout's name."""
-    layout = {"llava": loading.LLAVA, "fast_vlm": loading.FAST_VLM}[base["layout"]]
+    layout = loading.LAYOUTS[base["layout"]]
     return lambda key: layout.theirs(key, vision_cfg)
 
 
@@ -493,7 +493,8 @@ class Run:
                 if changed:
                     raise DataError(f"--resume: {out} was trained with LoRA {changed} {lora[changed]!r}, not "
                                     f"{asked[changed]!r}; resume it with the same --lora options")
-                model, self.tokenizer = self.lora_model(lora["base"]["name"], lora, state)
+                base, self.tokenizer = self.lora_base_again(lora)
+                model = self.lora_model(lora, base, state)
             else:
                 model, self.tokenizer = model_from_state(state, out)
             self.from_scratch = not state["fused"]
@@ -509,8 +510,8 @@ class Run:
             state = None
             if args.lora:
                 lora = {"r": args.lora, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-                        "layers": args.lora_layers.split(","), "merge": args.merge, "base": lora_base(args.init)}
-                model, self.tokenizer = self.lora_model(model, lora)
+                        "layers": args.lora_layers.split(","), "merge": args.merge, "base": lora_base(args.init, model.layout)}
+                model = self.lora_model(lora, model)
         self.state = state
         self.model = self.core = model.to(device)
         bn_train = {"auto": self.from_scratch, "train": True, "eval": False}[args.bn]
@@ -541,22 +542,20 @@ class Run:
             choice = "bfloat16" if fast else "float32"
         return {"bfloat16": torch.bfloat16, "float32": torch.float32}[choice]
 
-    def lora_model(self, base, lora, state=None):
-        """(model, tokenizer): the base model (loaded here when `base` is its name) with LoRA adapters on
-        the layers lora["layers"] names; from a training state, the adapters and the parts trained in full as saved, on a
-        base whose files must be those the run started from."""
-        args = self.args
-        tokenizer = None
-        if not isinstance(base, FV.FastVLM):
-            try:
-                base, tokenizer, _ = loading.load_model(lora["base"]["folder"], fold_batchnorm=False)
-            except CheckpointError as e:
-                raise DataError(f"--resume: the base model of {self.out} cannot be loaded ({e})") from None
-            if adapters.fingerprint(lora["base"]["folder"]) != lora["base"]["sha256"]:
-                raise DataError(f"--resume: the base model {lora['base']['folder']} changed since {self.out} started "
-                                "(the sha256 of its weights differ); restore it, or start a new run with --init")
-        else:
-            base, tokenizer = base, self.tokenizer
+    def lora_base_again(self, lora):
+        """--resume: (model, tokenizer) of the base the run started from, whose files must be unchanged."""
+        try:
+            base, tokenizer, _ = loading.load_model(lora["base"]["folder"], fold_batchnorm=False)
+        except CheckpointError as e:
+            raise DataError(f"--resume: the base model of {self.out} cannot be loaded ({e})") from None
+        if adapters.fingerprint(lora["base"]["folder"]) != lora["base"]["sha256"]:
+            raise DataError(f"--resume: the base model {lora['base']['folder']} changed since {self.out} started "
+                            "(the sha256 of its weights differ); restore it, or start a new run with --init")
+        return base, tokenizer
+
+    def lora_model(self, lora, base, state=None):
+        """`base` with LoRA adapters on the layers lora["layers"] names; from a training state, the adapters
+        and the parts trained in full as saved."""
         try:
             adapters.add_lora(base, lora["r"], lora["alpha"], lora["dropout"], lora["layers"])
         except adapters.AdapterError as e:
@@ -569,7 +568,7 @@ class Run:
                                 "the model has no place for: it was written by another version")
             base.load_state_dict(trained, strict=False)
         self.lora = lora
-        return base, tokenizer
+        return base
 
     def distribute(self, set_trainable):
         """`set_trainable(core, stage, bn_train)` (train.py's: what the stage trains), then activation

@@ -154,7 +154,7 @@ def convert(src, dst, to=None):
     if src.resolve() in dst.resolve().parents:
         raise CheckpointError(f"{dst} is inside the model folder {src}; choose a folder outside it")
     layout, vision_cfg, llm_cfg, config = loading.model_config(src)
-    target = {"llava": loading.LLAVA, "fast_vlm": loading.FAST_VLM}[to] if to else (
+    target = loading.LAYOUTS[to] if to else (
         loading.FAST_VLM if layout is loading.LLAVA else loading.LLAVA)
     if target is layout:
         raise CheckpointError(f"{src} is already in the {layout.name} layout")
